@@ -1,0 +1,141 @@
+"""The evaluation callback: gather descriptors -> search -> metrics -> result files -> loggers.
+
+It runs at the end of `trainer.predict`. Under DDP each rank holds the descriptors of its own batches; they
+are gathered on every rank, de-duplicated by original index and put back in dataset order, and rank 0 does the
+search, writes the run directory and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from hetretrieval.analysis.results import class_metadata, write_run
+from hetretrieval.analysis.tables import format_table
+from hetretrieval.metrics.retrieval import RetrievalResults, evaluate_retrieval
+
+log = logging.getLogger(__name__)
+
+
+def merge_gathered(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank `(indices (n_r,), descriptors (n_r, D))` -> `descriptors (N, D)` in dataset order, `valid (N,)`.
+
+    Duplicates (a sampler that pads by repeating items) keep their first occurrence; images no rank described
+    stay zero with `valid` False.
+    """
+    dims = {p[1].shape[1] for p in parts if p[1].size}
+    if len(dims) > 1:
+        raise RuntimeError(f"ranks produced descriptors of different sizes {sorted(dims)}")
+    descriptors = np.zeros((n_images, dims.pop() if dims else 0), dtype=np.float32)
+    valid = np.zeros(n_images, dtype=bool)
+    for indices, values in parts:
+        fresh = _first_occurrence(indices) & ~valid[indices]
+        descriptors[indices[fresh]] = values[fresh]
+        valid[indices[fresh]] = True
+    return descriptors, valid
+
+
+def _first_occurrence(indices: np.ndarray) -> np.ndarray:
+    mask = np.zeros(indices.size, dtype=bool)
+    mask[np.unique(indices, return_index=True)[1]] = True
+    return mask
+
+
+def _all_gather(obj):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+class RetrievalEvaluation(pl.Callback):
+    """Evaluate the predicted descriptors on the datamodule's `RetrievalDataset` and write/log the results."""
+
+    def __init__(self, output_dir: str | Path, ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
+                 max_batch_entries: int = 1 << 24, show_classes: int = 10) -> None:
+        self.output_dir = Path(output_dir)
+        self.ks = tuple(int(k) for k in ks)
+        self.top_k = top_k
+        self.max_batch_entries = max_batch_entries
+        self.show_classes = show_classes
+        self.summary: dict | None = None
+        self.results: RetrievalResults | None = None
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._indices, self._descriptors, self._failed = [], [], {}
+        self._started = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs["index"].numel():
+            self._indices.append(outputs["index"].numpy())
+            self._descriptors.append(outputs["descriptors"].numpy())
+        for index, reason in outputs["failed"]:
+            log.warning("skipping image: %s", reason)
+            self._failed[int(index)] = reason
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        extraction_seconds = time.perf_counter() - self._started
+        local = (np.concatenate(self._indices) if self._indices else np.zeros(0, np.int64),
+                 np.concatenate(self._descriptors) if self._descriptors else np.zeros((0, 0), np.float32))
+        gathered = _all_gather((local, self._failed))
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        dataset = datamodule.dataset
+        descriptors, valid = merge_gathered([part for part, _ in gathered], len(dataset))
+        skipped = dict(datamodule.unreadable)
+        for _, failed in gathered:
+            skipped.update(failed)
+        for index in np.flatnonzero(~valid):  # e.g. fast_dev_run / limit_predict_batches: say so, never hide it
+            skipped.setdefault(int(index), "not extracted (prediction stopped early: fast_dev_run or a batch limit)")
+        started = time.perf_counter()
+        self.results = evaluate_retrieval(descriptors, dataset, valid, self.ks, self.top_k, self.max_batch_entries)
+        info = {
+            "descriptor": pl_module.descriptor_name,
+            "backbone": pl_module.backbone.model_name,
+            "dim": int(descriptors.shape[1]),
+            "scales": list(pl_module.scales),
+            "max_size": datamodule.max_size,
+            "device": str(pl_module.device),
+            "timings": {"extraction_s": round(extraction_seconds, 3),
+                        "images_per_s": round(int(valid.sum()) / max(extraction_seconds, 1e-9), 2),
+                        "search_and_metrics_s": round(time.perf_counter() - started, 3)},
+        }
+        self.summary = write_run(self.output_dir, dataset, self.results, descriptors, valid, skipped, info, self.ks)
+        self._log(trainer, dataset)
+        self._print(dataset)
+
+    def _per_class_rows(self, dataset) -> list[dict]:
+        return [{"class": label, "n_queries": n, "mAP": m, **class_metadata(dataset, label)}
+                for label, (n, m) in self.results.per_class.items()]
+
+    def _log(self, trainer: pl.Trainer, dataset) -> None:
+        scalars = {k: v for k, v in self.summary.items() if isinstance(v, float)}
+        scalars.update({f"class_mAP/{label}": m for label, (n, m) in self.results.per_class.items() if n})
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars)
+            if type(logger).__name__ == "WandbLogger":
+                rows = self._per_class_rows(dataset)
+                logger.log_table("per_class_map", columns=["class", "n_queries", "mAP"],
+                                 data=[[r["class"], r["n_queries"], r["mAP"]] for r in rows])
+            logger.save()
+
+    def _print(self, dataset) -> None:
+        rows = sorted(self._per_class_rows(dataset), key=lambda r: (r["mAP"] != r["mAP"], -(r["mAP"] or 0)))
+        shown = rows if len(rows) <= self.show_classes else rows[: self.show_classes // 2] + rows[-self.show_classes // 2:]
+        s = self.summary
+        print(f"\n{s['descriptor']} on {s['dataset']} ({s['backbone']}, {s['counts']['evaluated_queries']} queries, "
+              f"{s['counts']['database']} database images, {s['counts']['skipped']} skipped)")
+        print(format_table(shown, ["class", "n_queries", "mAP"]))
+        print(f"mAP {s['mAP']:.4f}   class mAP {s['class_mAP']:.4f}   "
+              + "   ".join(f"mP@{k} {s[f'mP@{k}']:.4f}" for k in self.ks if s.get(f"mP@{k}") is not None)
+              + f"   ({s['timings']['images_per_s']:.1f} images/s)")
+        print(f"results written to {self.output_dir}")

@@ -1,0 +1,117 @@
+"""The offline built-in benchmark: real photos shipped with scikit-image, each a class of controlled variants.
+
+Every class is one photograph plus `variants_per_class` copies of it, each altered by one or two variations at a
+random strength (`data/variations.py`), so retrieval must see through exactly the changes heritage collections
+show: colour domain, orientation, scale, positioning, blur, ageing, occlusion. Each image carries the strength
+of every variation as metadata, which the analysis can break results down by. The images are written once to a
+cache folder keyed by the generation parameters and then read like any CSV-manifest dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetretrieval.data.datasets import RetrievalDataset, csv_manifest
+from hetretrieval.data.images import save_image
+from hetretrieval.data.variations import VARIATIONS, apply_variation, get_variation
+from hetretrieval.errors import ConfigError
+
+DEFAULT_PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+    "retina", "camera", "coins", "clock", "moon", "motorcycle",
+)
+DEFAULT_VARIATIONS = ("grayscale", "sepia", "rotation", "scale", "off_centre_crop", "blur", "ageing", "occlusion")
+_FORMAT_VERSION = 1
+
+
+def load_skimage_photo(name: str) -> torch.Tensor:
+    """A scikit-image sample photo as `(3, H, W)` RGB in [0, 1] (`motorcycle` = left view of the stereo pair)."""
+    import skimage.data
+
+    loader = (lambda: skimage.data.stereo_motorcycle()[0]) if name == "motorcycle" else getattr(skimage.data, name, None)
+    if loader is None:
+        raise ConfigError(f"scikit-image has no sample image '{name}'")
+    array = np.asarray(loader())
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255.0
+
+
+def _variant_plan(n_variants: int, variations: Sequence[str], max_combined: int, strength_range, rng):
+    """For each variant, a list of (variation, strength): each variation used once first, then random combos."""
+    plan = []
+    for index in range(n_variants):
+        count = 1 if index < len(variations) else int(rng.integers(1, max_combined + 1))
+        first = variations[index % len(variations)]
+        others = [v for v in rng.permutation(variations).tolist() if v != first][: count - 1]
+        plan.append([(name, float(rng.uniform(*strength_range))) for name in [first, *others]])
+    return plan
+
+
+def generate_benchmark(
+    output_dir: Path, photos: Sequence[str], variations: Sequence[str], variants_per_class: int,
+    max_combined: int, strength_range: Sequence[float], seed: int,
+) -> Path:
+    """Write the variant images and `manifest.csv` (filename, label, one strength column per variation)."""
+    rng = np.random.default_rng(seed)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for class_index, photo in enumerate(photos):
+        original = load_skimage_photo(photo)
+        plan = [[]] + _variant_plan(variants_per_class, variations, max_combined, strength_range, rng)
+        for variant_index, steps in enumerate(plan):
+            image = original
+            for step_index, (name, strength) in enumerate(steps):
+                image = apply_variation(image, name, strength, seed=seed * 1_000_003 + class_index * 1009
+                                        + variant_index * 31 + step_index)
+            filename = f"{photo}_{variant_index:02d}.png"
+            save_image(image, output_dir / filename)
+            strengths = dict(steps)
+            rows.append({"filename": filename, "label": photo,
+                         "variations": "+".join(name for name, _ in steps) or "original",
+                         **{name: f"{strengths.get(name, 0.0):.3f}" for name in variations}})
+    with (output_dir / "manifest.csv.tmp").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (output_dir / "manifest.csv.tmp").replace(output_dir / "manifest.csv")  # complete only when fully written
+    return output_dir / "manifest.csv"
+
+
+def builtin_benchmark(
+    cache_dir: str | Path,
+    photos: Sequence[str] = DEFAULT_PHOTOS,
+    variations: Sequence[str] = DEFAULT_VARIATIONS,
+    variants_per_class: int = 9,
+    max_combined: int = 2,
+    strength_range: Sequence[float] = (0.4, 0.9),
+    seed: int = 0,
+    name: str = "builtin",
+    query: Mapping | None = None,
+    database: Mapping | None = None,
+) -> RetrievalDataset:
+    """The built-in variation benchmark, generated on first use into `cache_dir` and deterministic for `seed`."""
+    photos, variations = list(photos), list(variations)
+    for variation in variations:
+        get_variation(variation)
+    if len(photos) < 2 or variants_per_class < 1:
+        raise ConfigError("the built-in benchmark needs at least 2 photos and 1 variant per class")
+    if not (0.0 <= strength_range[0] <= strength_range[1] <= 1.0) or not 1 <= max_combined <= len(VARIATIONS):
+        raise ConfigError(f"invalid strength_range {list(strength_range)} or max_combined {max_combined}")
+    params = dict(photos=photos, variations=variations, variants_per_class=variants_per_class,
+                  max_combined=max_combined, strength_range=list(strength_range), seed=seed, v=_FORMAT_VERSION)
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir).expanduser() / f"builtin-{key}"
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        generate_benchmark(folder, photos, variations, variants_per_class, max_combined, strength_range, seed)
+    return csv_manifest(manifest, name=name, query=query, database=database)

@@ -1,0 +1,109 @@
+"""Image loading for collections found in the wild: any PIL mode to RGB, longer side capped, aspect kept.
+
+Heritage archives mix 16-bit and float scans, palette PNGs with transparency, CMYK prints and huge grayscale
+scans; every one of them must become the same thing, an RGB tensor in [0, 1], or a clear `ImageLoadError`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, not a half-grey image
+
+_ALPHA_BACKGROUND = (255, 255, 255)
+
+
+class ImageLoadError(Exception):
+    """An image file cannot be decoded (missing, corrupt, truncated or an unsupported format)."""
+
+
+def resized_shape(height: int, width: int, max_size: int | None) -> tuple[int, int]:
+    """Shape after capping the longer side at `max_size` (never upscaled; aspect kept; sides >= 1)."""
+    if max_size is None or max(height, width) <= max_size:
+        return height, width
+    scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    High bit-depth and float modes (I;16, I, F) are min-max stretched to 8 bits over their finite values, because
+    their ranges are arbitrary (a float TIFF may hold densities, a 16-bit scan 0..65535); transparent modes (RGBA,
+    LA, P with transparency) are composited on white, the colour of paper.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}:
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        scaled = np.zeros_like(values) if high <= low else (np.nan_to_num(values, nan=low) - low) / (high - low)
+        gray = (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, max_size: int | None = 800) -> torch.Tensor:
+    """Read an image file as an RGB float tensor `(3, H, W)` in [0, 1], longer side at most `max_size`.
+
+    EXIF orientation is applied. JPEGs much larger than the target are decoded at reduced size (`draft`), then
+    resized with antialiasing, so a 4096² scan costs little more than an 800² one.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                displayed = _oriented_size(image)
+                height, width = resized_shape(*displayed, max_size)
+                if image.format == "JPEG":
+                    swapped = displayed != (image.height, image.width)
+                    image.draft(None, (height, width) if swapped else (width, height))
+                image = to_rgb(ImageOps.exif_transpose(image))
+                if (height, width) != (image.height, image.width):
+                    image = image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+                array = np.asarray(image, dtype=np.uint8)
+    except FileNotFoundError as error:
+        raise ImageLoadError(f"{path}: file not found") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as error:
+        raise ImageLoadError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from error
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """`(height, width)` as displayed, i.e. after the EXIF orientation is applied."""
+    swap = image.getexif().get(0x0112, 1) in {5, 6, 7, 8}
+    return (image.width, image.height) if swap else (image.height, image.width)
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """`(height, width)` as displayed, from the file header only (cheap)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return _oriented_size(image)
+    except FileNotFoundError as error:
+        raise ImageLoadError(f"{path}: file not found") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageLoadError(f"{path}: cannot read image header ({type(error).__name__}: {error})") from error
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> None:
+    """Write a `(3, H, W)` [0, 1] tensor as an 8-bit image file (format from the suffix)."""
+    array = (image.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array, mode="RGB").save(path)

@@ -1,0 +1,182 @@
+"""Revisited Oxford and Paris (Radenović et al., CVPR 2018): ground truth, image layout, query crops.
+
+The official release is a pickle per dataset (`gnd_roxford5k.pkl`, `gnd_rparis6k.pkl`) holding `imlist`,
+`qimlist` and, per query, the bounding box `bbx` and the database indices labelled `easy`, `hard` and `junk`.
+Pickles can execute code, so they are read with an unpickler that only rebuilds plain containers, numbers,
+strings and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import pickle
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hetretrieval.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+REVISITOP_DATASETS = ("roxford5k", "rparis6k")
+GROUND_TRUTH_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
+IMAGE_ARCHIVE_URLS = {
+    "roxford5k": ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",),
+    "rparis6k": (
+        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
+        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz",
+    ),
+}
+
+_SAFE_BUILTINS = frozenset(
+    {"list", "tuple", "dict", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes", "bytearray"}
+)
+_SAFE_NUMPY = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+)
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """Rebuilds builtin containers/scalars and numpy arrays only; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in _SAFE_BUILTINS:
+            return getattr(builtins, name)
+        if (module, name) in _SAFE_NUMPY:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a ground-truth file")
+
+
+@dataclass(frozen=True)
+class RevisitopQuery:
+    """One query: its image name, bounding box `(x1, y1, x2, y2)` in pixels and labelled database indices.
+
+    `easy`, `hard`, `junk`: sorted, read-only `(n,)` int64 indices into `RevisitopGroundTruth.imlist`.
+    """
+
+    name: str
+    bbx: tuple[float, float, float, float]
+    easy: np.ndarray
+    hard: np.ndarray
+    junk: np.ndarray
+
+
+@dataclass(frozen=True)
+class RevisitopGroundTruth:
+    """A revisited dataset: database image names, query image names and one `RevisitopQuery` per query."""
+
+    name: str
+    imlist: tuple[str, ...]
+    qimlist: tuple[str, ...]
+    queries: tuple[RevisitopQuery, ...]
+
+
+def ground_truth_path(root: str | Path, name: str) -> Path:
+    """`root/gnd_<name>.pkl`, the official file name."""
+    return Path(root) / f"gnd_{_check_name(name)}.pkl"
+
+
+def image_path(root: str | Path, image_name: str) -> Path:
+    """`root/jpg/<image_name>.jpg`, the official layout of the extracted image archives."""
+    return Path(root) / "jpg" / f"{image_name}.jpg"
+
+
+def load_revisitop(root: str | Path, name: str) -> RevisitopGroundTruth:
+    """Read and validate `root/gnd_<name>.pkl` (`name` in `REVISITOP_DATASETS`)."""
+    path = ground_truth_path(root, name)
+    if not path.is_file():
+        raise DataError(f"revisitop ground truth not found: {path} (run download_revisitop or fetch it manually)")
+    try:
+        raw = _GroundTruthUnpickler(io.BytesIO(path.read_bytes())).load()
+    except Exception as exc:  # any failure to rebuild untrusted bytes means a malformed file
+        raise DataError(f"{path} is not a valid revisitop ground-truth pickle: {exc}") from exc
+    return _parse_ground_truth(raw, name, path)
+
+
+def _parse_ground_truth(raw: Any, name: str, path: Path) -> RevisitopGroundTruth:
+    if not isinstance(raw, dict) or not {"imlist", "qimlist", "gnd"} <= raw.keys():
+        raise DataError(f"{path}: expected a dict with keys 'imlist', 'qimlist', 'gnd'")
+    imlist, qimlist, gnd = raw["imlist"], raw["qimlist"], raw["gnd"]
+    for key, names in (("imlist", imlist), ("qimlist", qimlist)):
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{path}: '{key}' must be a list of image names")
+    if not isinstance(gnd, list | tuple) or len(gnd) != len(qimlist):
+        raise DataError(f"{path}: 'gnd' must hold one entry per query ({len(qimlist)})")
+    queries = tuple(
+        _parse_query(entry, query_name, len(imlist), f"{path} query {i}")
+        for i, (entry, query_name) in enumerate(zip(gnd, qimlist, strict=True))
+    )
+    return RevisitopGroundTruth(name=name, imlist=tuple(imlist), qimlist=tuple(qimlist), queries=queries)
+
+
+def _parse_query(entry: Any, query_name: str, n_db: int, where: str) -> RevisitopQuery:
+    if not isinstance(entry, dict) or not {"bbx", "easy", "hard", "junk"} <= entry.keys():
+        raise DataError(f"{where}: expected a dict with keys 'bbx', 'easy', 'hard', 'junk'")
+    bbx = np.asarray(entry["bbx"], dtype=np.float64)
+    if bbx.shape != (4,) or not np.all(np.isfinite(bbx)):
+        raise DataError(f"{where}: 'bbx' must be 4 finite numbers (x1, y1, x2, y2)")
+    labels = {}
+    for key in ("easy", "hard", "junk"):
+        indices = np.asarray(entry[key])
+        if indices.size and (
+            indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0
+            or indices.max() >= n_db
+        ):
+            raise DataError(f"{where}: '{key}' must be a list of database indices in [0, {n_db})")
+        indices = np.sort(indices.astype(np.int64).reshape(-1))
+        indices.setflags(write=False)
+        labels[key] = indices
+    return RevisitopQuery(name=query_name, bbx=tuple(float(v) for v in bbx), **labels)
+
+
+def crop_to_bbx(image: Image.Image, bbx: Sequence[float]) -> Image.Image:
+    """Crop a query image to its bounding box `(x1, y1, x2, y2)`, rounded to pixels and clipped to the image.
+
+    Revisited Oxford/Paris queries are evaluated on this crop, never on the full image.
+    """
+    width, height = image.size
+    x1, y1, x2, y2 = (int(round(v)) for v in bbx)
+    box = (max(0, x1), max(0, y1), min(width, x2), min(height, y2))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ConfigError(f"bounding box {tuple(bbx)} does not overlap the {width}x{height} image")
+    return image.crop(box)
+
+
+def download_revisitop(name: str, root: str | Path) -> Path:
+    """Fetch the official `gnd_<name>.pkl` into `root` (kept if already there); returns its path.
+
+    The images (`IMAGE_ARCHIVE_URLS`) are large archives left to the user: extract them into `root/jpg/`.
+    """
+    path = ground_truth_path(root, name)
+    if path.is_file():
+        return path
+    url = GROUND_TRUTH_URL.format(name=name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response:
+            payload = response.read()
+    except OSError as exc:
+        raise DataError(f"could not download {url} ({exc}); download it manually to {path}") from exc
+    partial = path.with_suffix(".part")
+    partial.write_bytes(payload)
+    partial.replace(path)
+    return path
+
+
+def _check_name(name: str) -> str:
+    if name not in REVISITOP_DATASETS:
+        raise ConfigError(f"unknown revisitop dataset '{name}'; expected one of {REVISITOP_DATASETS}")
+    return name

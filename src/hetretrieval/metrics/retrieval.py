@@ -1,0 +1,104 @@
+"""Evaluate descriptors on a dataset's protocol: search every query, score its full ranking, summarise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetretrieval.data.datasets import RetrievalDataset
+from hetretrieval.index.search import iter_rankings
+from hetretrieval.metrics.ap import average_precision, mean_by_group, precision_at_k, recall_at_k
+
+
+@dataclass
+class RetrievalResults:
+    """Per-query metrics (arrays aligned with `query_ids`, record indices) and their summaries.
+
+    `ap` is NaN for a query with no positive in the database (e.g. a class of one image); such queries are
+    excluded from every mean and listed in `excluded_queries`.
+    """
+
+    query_ids: np.ndarray
+    database_ids: np.ndarray
+    ap: np.ndarray
+    n_positives: np.ndarray
+    precision: dict[int, np.ndarray]
+    recall: dict[int, np.ndarray]
+    neighbours: np.ndarray
+    neighbour_scores: np.ndarray
+    per_class: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    @property
+    def evaluated(self) -> np.ndarray:
+        return np.isfinite(self.ap)
+
+    @property
+    def excluded_queries(self) -> np.ndarray:
+        return self.query_ids[~self.evaluated]
+
+    @property
+    def mean_average_precision(self) -> float:
+        """Global mAP: the mean AP over evaluated queries."""
+        return float(np.mean(self.ap[self.evaluated])) if self.evaluated.any() else float("nan")
+
+    @property
+    def class_mean_average_precision(self) -> float:
+        """Class-balanced mAP: the mean of the per-class mAPs."""
+        values = [m for n, m in self.per_class.values() if n > 0]
+        return float(np.mean(values)) if values else float("nan")
+
+    def mean_precision_at(self, k: int) -> float:
+        return float(np.mean(self.precision[k][self.evaluated])) if self.evaluated.any() else float("nan")
+
+    def mean_recall_at(self, k: int) -> float:
+        return float(np.mean(self.recall[k][self.evaluated])) if self.evaluated.any() else float("nan")
+
+
+def label_codes(labels: Sequence[str | None]) -> np.ndarray:
+    """Integer class codes, -1 for unlabelled images (never a positive)."""
+    names = {name: code for code, name in enumerate(sorted({label for label in labels if label is not None}))}
+    return np.array([names[label] if label is not None else -1 for label in labels], dtype=np.int64)
+
+
+def evaluate_retrieval(
+    descriptors: np.ndarray, dataset: RetrievalDataset, valid: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 5, 10), top_k: int = 100, max_batch_entries: int = 1 << 24,
+) -> RetrievalResults:
+    """Rank the database for every query and compute AP, P@k, R@k and per-class mAP.
+
+    `descriptors (N, D)` are L2-normalised, one row per record; `valid (N,)` marks records that were described
+    (skipped images are dropped from both queries and database). A query is removed from its own ranking.
+    """
+    valid = np.ones(len(dataset), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    query_ids = dataset.query_ids[valid[dataset.query_ids]]
+    database_ids = dataset.database_ids[valid[dataset.database_ids]]
+    codes = label_codes(dataset.labels)
+    database_codes = codes[database_ids]
+    position_in_database = np.full(len(dataset), -1, dtype=np.int64)
+    position_in_database[database_ids] = np.arange(database_ids.size)
+
+    n_queries, top_k = query_ids.size, min(top_k, database_ids.size)
+    ap = np.full(n_queries, np.nan)
+    n_positives = np.zeros(n_queries, dtype=np.int64)
+    precision = {k: np.zeros(n_queries) for k in ks}
+    recall = {k: np.zeros(n_queries) for k in ks}
+    neighbours = np.zeros((n_queries, top_k), dtype=np.int64)
+    neighbour_scores = np.zeros((n_queries, top_k), dtype=np.float32)
+    for batch in iter_rankings(descriptors[query_ids], descriptors[database_ids],
+                               exclude=position_in_database[query_ids], max_batch_entries=max_batch_entries):
+        rows = slice(batch.start, batch.start + batch.positions.shape[0])
+        query_codes = codes[query_ids[rows]]
+        relevance = (database_codes[batch.positions] == query_codes[:, None]) & np.isfinite(batch.scores)
+        n_positives[rows] = relevance.sum(axis=1)
+        ap[rows] = average_precision(relevance, batch.scores)
+        for k in ks:
+            precision[k][rows] = precision_at_k(relevance, k)
+            recall[k][rows] = recall_at_k(relevance, k, n_positives[rows])
+        neighbours[rows] = database_ids[batch.positions[:, :top_k]]
+        neighbour_scores[rows] = batch.scores[:, :top_k]
+
+    query_labels = [dataset.records[i].label for i in query_ids]
+    return RetrievalResults(query_ids, database_ids, ap, n_positives, precision, recall, neighbours,
+                            neighbour_scores, mean_by_group(ap, query_labels))

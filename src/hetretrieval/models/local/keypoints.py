@@ -1,0 +1,228 @@
+"""DELF-style keypoints: receptive fields, feature locations, score-based selection over an image pyramid, PCA.
+
+Every position of a conv feature map is a local descriptor whose location is the centre of its receptive field
+in the input image (Noh et al., ICCV 2017). Coordinates follow OpenCV (and `LocalFeatures`): `(x, y)` in
+pixels of the original image, pixel `(i, j)` centred at `(x=j, y=i)`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetretrieval.errors import ConfigError
+from hetretrieval.models.local.features import LocalFeatures
+
+DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)  # Noh et al.'s pyramid: powers of sqrt(2)
+_PROBE_THIN_SIDE = 64  # the probe's other side: any size that leaves the module a non-empty output map
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Where each unit of a feature map looks in the input, per axis as `(x, y)`.
+
+    Attributes:
+        size: extent in input pixels of one unit's receptive field.
+        stride: input pixels between the receptive fields of neighbouring units (the jump).
+        offset: centre of unit `(0, 0)`'s receptive field in input pixel coordinates (may be negative or
+            half-integer); unit `(row, col)` is centred at `offset + stride * (col, row)`.
+    """
+
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    offset: tuple[float, float]
+
+
+def receptive_field(module: nn.Module, in_channels: int = 3, probe_size: int = 512) -> ReceptiveField:
+    """Measure the receptive field of any module mapping `(1, in_channels, H, W) -> (1, C, h, w)`.
+
+    Method: NaN propagation. NaN is absorbing for every arithmetic op (sum, product, max, ReLU, clamp,
+    sigmoid), so after filling a set of input rows with NaN an output unit is NaN exactly when its
+    computation reads one of those rows. Filling the rows `< t` (resp. `>= t`) with NaN is monotone in `t`,
+    so a binary search on `t` finds the first (last) input row a unit depends on: the receptive field's
+    bounds, exact whatever the graph (residual branches, "same" padding, max pooling, dilation — for
+    dilated convs the bounds' hull). Two neighbouring units near the centre give the stride, and their
+    centres extrapolated to unit 0 the offset. Each axis is measured on a thin `probe_size x 64` probe, since
+    a conv's support along one axis does not depend on the other axis's size; the weights are left as they
+    are, on a CPU copy in eval mode (so batch-norm does not mix the batch) with the mkldnn/nnpack convs
+    disabled, whose Winograd/FFT algorithms could spread a NaN outside its true support.
+
+    Limits: modules with global context (squeeze-excitation, self-attention, global pooling) depend on every
+    pixel; then the field reaches the probe's border and this raises `ConfigError`. For TF-"same" padding
+    (timm `tf_*` models) the padding, hence the offset, varies by up to a few pixels with the input size
+    modulo the stride; the value returned is the one for `probe_size`.
+
+    Args:
+        module: maps an image batch to a feature map; a list/tuple output (timm `features_only`) uses its
+            last map.
+        in_channels: channels of the probe image.
+        probe_size: probe side along the measured axis; must exceed the receptive field size.
+    """
+    probe_module = copy.deepcopy(module).cpu().float().eval()
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+        x_size, x_stride, x_offset = _receptive_field_along(probe_module, in_channels, probe_size, axis=-1)
+        y_size, y_stride, y_offset = _receptive_field_along(probe_module, in_channels, probe_size, axis=-2)
+    return ReceptiveField(size=(x_size, y_size), stride=(x_stride, y_stride), offset=(x_offset, y_offset))
+
+
+def _feature_map(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    output = module(images)
+    return output[-1] if isinstance(output, list | tuple) else output
+
+
+def _receptive_field_along(
+    module: nn.Module, in_channels: int, probe_size: int, axis: int
+) -> tuple[int, int, float]:
+    """`(size, stride, offset)` along `axis` (-1: x, -2: y), see `receptive_field`."""
+    shape = [1, in_channels, _PROBE_THIN_SIDE, _PROBE_THIN_SIDE]
+    shape[axis] = probe_size
+    probe = torch.zeros(shape)
+    n_units = _feature_map(module, probe).shape[axis]
+    if n_units < 2:
+        raise ConfigError(f"probe_size={probe_size} gives fewer than 2 feature-map units: increase probe_size")
+    units = (n_units // 2 - 1, n_units // 2)
+    positions = torch.arange(probe_size).view([-1] + [1] * (-axis - 1))
+
+    def is_nan(thresholds: list[int], below: bool) -> list[bool]:
+        """Per unit, whether it turns NaN once the probe rows `< t` (`below`) or `>= t` are NaN."""
+        masks = [(positions < t) if below else (positions >= t) for t in thresholds]
+        batch = torch.stack([probe[0].masked_fill(mask, float("nan")) for mask in masks])
+        output = _feature_map(module, batch).movedim(axis, 1)
+        return [bool(output[i, unit].isnan().any()) for i, unit in enumerate(units)]
+
+    # first[u]: smallest t making unit u NaN with rows < t filled, so its first input row is t - 1
+    low, high = [1, 1], [probe_size, probe_size]
+    while low != high:
+        middle = [(lo + hi) // 2 for lo, hi in zip(low, high, strict=True)]
+        hits = is_nan(middle, below=True)
+        low = [lo if hit else m + 1 for lo, m, hit in zip(low, middle, hits, strict=True)]
+        high = [m if hit else hi for hi, m, hit in zip(high, middle, hits, strict=True)]
+    first = [t - 1 for t in low]
+    # last[u]: largest t making unit u NaN with rows >= t filled, its last input row
+    low, high = [0, 0], [probe_size - 1, probe_size - 1]
+    while low != high:
+        middle = [(lo + hi + 1) // 2 for lo, hi in zip(low, high, strict=True)]
+        hits = is_nan(middle, below=False)
+        low = [m if hit else lo for lo, m, hit in zip(low, middle, hits, strict=True)]
+        high = [hi if hit else m - 1 for hi, m, hit in zip(high, middle, hits, strict=True)]
+    last = low
+
+    if min(first) <= 0 or max(last) >= probe_size - 1:
+        raise ConfigError(
+            f"the receptive field reaches the border of a {probe_size}-pixel probe: increase probe_size "
+            "(or the module has global context, e.g. squeeze-excitation, and no local receptive field)"
+        )
+    sizes = [b - a + 1 for a, b in zip(first, last, strict=True)]
+    stride = first[1] - first[0]
+    if sizes[0] != sizes[1] or stride != last[1] - last[0] or stride < 1:
+        raise ConfigError(f"the module is not translation-equivariant along axis {axis}: {first=} {last=}")
+    offset = (first[0] + last[0]) / 2 - stride * units[0]
+    return sizes[0], stride, offset
+
+
+def feature_locations(height: int, width: int, rf: ReceptiveField) -> torch.Tensor:
+    """`(h, w)` feature-map grid -> `(h * w, 2)` float32 `(x, y)` receptive-field centres, row-major order."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    grid = torch.stack([cols.flatten(), rows.flatten()], dim=1).float()
+    return torch.tensor(rf.offset) + torch.tensor(rf.stride, dtype=torch.float32) * grid
+
+
+def _strongest(scores: torch.Tensor, top_n: int, threshold: float | None) -> torch.Tensor:
+    """`(N,)` scores -> indices of the at most `top_n` highest scores `>= threshold`, by decreasing score."""
+    order = scores.argsort(descending=True, stable=True)[:top_n]
+    return order if threshold is None else order[scores[order] >= threshold]
+
+
+def select_keypoints(
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    rf: ReceptiveField,
+    top_n: int,
+    threshold: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the `top_n` best-scoring feature-map positions with score `>= threshold` (no threshold if None).
+
+    `(C, h, w)` features, `(h, w)` scores -> `(n, 2)` `(x, y)` locations in the map's input pixels,
+    `(n, C)` descriptors (as they are, not normalised), `(n,)` scores; sorted by decreasing score.
+    """
+    if top_n < 1:
+        raise ConfigError(f"top_n must be >= 1, got {top_n}")
+    channels, height, width = features.shape
+    if scores.shape != (height, width):
+        raise ValueError(f"scores must be ({height}, {width}) like the features, got {tuple(scores.shape)}")
+    flat_scores = scores.flatten()
+    keep = _strongest(flat_scores, top_n, threshold)
+    locations = feature_locations(height, width, rf).to(features.device)
+    return locations[keep], features.reshape(channels, -1).T[keep], flat_scores[keep]
+
+
+def extract_local_features(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scorer: Callable[[torch.Tensor], torch.Tensor],
+    rf: ReceptiveField,
+    scales: Sequence[float] = DELF_SCALES,
+    top_n: int = 1000,
+    threshold: float | None = None,
+) -> LocalFeatures:
+    """DELF extraction: the `top_n` best-scoring local features of one image over an image pyramid.
+
+    Each scale resizes the `(3, H, W)` image (bilinear, antialiased) to `round(s * H) x round(s * W)`, maps
+    it through `feature_fn` `(1, 3, h', w') -> (1, C, h, w)` and `scorer` `(1, C, h, w) -> (1, h, w)`, keeps
+    that scale's `top_n` positions with score `>= threshold`, and maps their receptive-field centres back to
+    the original image by the exact inverse of the resize (`x = (x' + 0.5) * W / w' - 0.5`). The global
+    `top_n` over all scales is returned with L2-normalised float32 descriptors, by decreasing score.
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"scales must be a non-empty list of positive factors, got {list(scales)}")
+    height, width = image.shape[1:]
+    locations, descriptors, scores = [], [], []
+    with torch.no_grad():
+        for scale in scales:
+            size = (max(1, round(scale * height)), max(1, round(scale * width)))
+            scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+            features = feature_fn(scaled)
+            found = select_keypoints(features[0], scorer(features)[0], rf, top_n, threshold)
+            resize = torch.tensor([width / size[1], height / size[0]], device=found[0].device)
+            locations.append((found[0] + 0.5) * resize - 0.5)
+            descriptors.append(found[1])
+            scores.append(found[2])
+    all_scores = torch.cat(scores)
+    keep = _strongest(all_scores, top_n, threshold=None)
+    return LocalFeatures(
+        keypoints=torch.cat(locations)[keep].float().cpu().numpy(),
+        descriptors=F.normalize(torch.cat(descriptors)[keep].float(), dim=1).cpu().numpy(),
+        scores=all_scores[keep].float().cpu().numpy(),
+        image_size=(int(height), int(width)),
+    )
+
+
+def fit_pca(descriptors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal axes of `(N, D)` descriptors -> `(D,)` mean and `(dim, D)` orthonormal components.
+
+    Components are sorted by decreasing variance, each signed so that its largest-magnitude coefficient is
+    positive (the eigen-solver's sign is arbitrary), making the projection reproducible.
+    """
+    n, d = descriptors.shape
+    if not 1 <= dim <= d or n < 2:
+        raise ConfigError(f"PCA to dim={dim} needs 1 <= dim <= {d} and at least 2 descriptors, got {n}")
+    data = descriptors.double()
+    mean = data.mean(0)
+    centred = data - mean
+    _, eigenvectors = torch.linalg.eigh(centred.T @ centred / (n - 1))  # ascending eigenvalues
+    components = eigenvectors.T.flip(0)[:dim]
+    peaks = components.gather(1, components.abs().argmax(1, keepdim=True))
+    components = components * peaks.sign()
+    return mean.to(descriptors.dtype), components.to(descriptors.dtype)
+
+
+def apply_pca(descriptors: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """Project `(N, D)` descriptors on `(dim, D)` components -> `(N, dim)`, L2-normalised as DELF does."""
+    return F.normalize((descriptors - mean) @ components.T, dim=1)

@@ -1,0 +1,70 @@
+"""Thin `nn.Module`s over `functional.py`: each maps a feature map `(B, C, H, W)` to an L2-normalised `(B, C)`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hetretrieval.errors import ConfigError
+from hetretrieval.models.pooling import functional as PF
+
+
+class GlobalPooling(nn.Module):
+    """Base of the global heads: `name` is the descriptor's name in outputs and tables."""
+
+    name = "pooling"
+
+    def output_dim(self, in_channels: int) -> int:
+        return in_channels
+
+
+class MAC(GlobalPooling):
+    name = "mac"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return PF.l2n(PF.mac(x))
+
+
+class SPoC(GlobalPooling):
+    name = "spoc"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return PF.l2n(PF.spoc(x))
+
+
+class GeM(GlobalPooling):
+    """Generalised-mean pooling with a learnable exponent `p` (initialised at 3, as Radenović et al.)."""
+
+    name = "gem"
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learn_p: bool = True) -> None:
+        super().__init__()
+        if p <= 0 or eps <= 0:
+            raise ConfigError(f"GeM needs p > 0 and eps > 0, got p={p}, eps={eps}")
+        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learn_p)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return PF.l2n(PF.gem(x, self.p, self.eps))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.4f}, eps={self.eps}"
+
+
+class RMAC(GlobalPooling):
+    """Regional MAC over the Tolias et al. grid (`levels` scales, ~`overlap` between neighbours)."""
+
+    name = "rmac"
+
+    def __init__(self, levels: int = 3, overlap: float = 0.4) -> None:
+        super().__init__()
+        if levels < 1 or not 0.0 <= overlap < 1.0:
+            raise ConfigError(f"R-MAC needs levels >= 1 and 0 <= overlap < 1, got {levels}, {overlap}")
+        self.levels = levels
+        self.overlap = overlap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return PF.rmac(x, self.levels, self.overlap)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, overlap={self.overlap}"
