@@ -1,4 +1,4 @@
-"""RANSAC on synthetic correspondences with a known affine map / homography plus outliers, and degenerate inputs.
+"""RANSAC on synthetic correspondences (known affine map / homography plus outliers) and degenerate inputs.
 
 Agreement with OpenCV on real ORB matches is in tests/integration/test_local_matching.py.
 """
@@ -37,7 +37,7 @@ def project(model: np.ndarray, points: np.ndarray) -> np.ndarray:
 def synthetic_pair(model: np.ndarray, n: int, outlier_fraction: float, seed: int):
     """`n` correspondences in a 640 x 480 image: inliers with 0.5 px noise, outliers uniform in dst.
 
-    Returns src, dst float32 and the truth mask: within THRESHOLD of the true model (an outlier may land there).
+    Returns src, dst float32 and the truth: within THRESHOLD of the true model (an outlier may land there).
     """
     rng = np.random.default_rng(seed)
     src = rng.uniform([0, 0], [640, 480], (n, 2))

@@ -11,7 +11,7 @@ OUTLIER_COLOUR = "#d7191c"
 
 
 def _side_by_side(image_a: np.ndarray, image_b: np.ndarray) -> np.ndarray:
-    """Two `(H, W, 3)` RGB or `(H, W)` gray uint8 images -> one RGB canvas, tops aligned, black below the shorter."""
+    """Two `(H, W, 3)` RGB or `(H, W)` gray uint8 images -> one RGB canvas, tops aligned, black-padded."""
     rgb_a, rgb_b = (np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in (image_a, image_b))
     canvas = np.zeros((max(len(rgb_a), len(rgb_b)), rgb_a.shape[1] + rgb_b.shape[1], 3), dtype=np.uint8)
     canvas[: len(rgb_a), : rgb_a.shape[1]] = rgb_a

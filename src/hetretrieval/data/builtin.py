@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hetretrieval.data.datasets import RetrievalDataset, csv_manifest
-from hetretrieval.data.images import save_image
+from hetretrieval.data.images import resized_shape, save_image
 from hetretrieval.data.variations import VARIATIONS, apply_variation, get_variation
 from hetretrieval.errors import ConfigError
 
@@ -31,8 +32,11 @@ DEFAULT_VARIATIONS = ("grayscale", "sepia", "rotation", "scale", "off_centre_cro
 _FORMAT_VERSION = 1
 
 
-def load_skimage_photo(name: str) -> torch.Tensor:
-    """A scikit-image sample photo as `(3, H, W)` RGB in [0, 1] (`motorcycle` = left view of the stereo pair)."""
+def load_skimage_photo(name: str, max_size: int | None = None) -> torch.Tensor:
+    """A scikit-image sample photo as `(3, H, W)` RGB in [0, 1], longer side at most `max_size`.
+
+    `motorcycle` is the left view of the stereo pair.
+    """
     import skimage.data
 
     loader = (lambda: skimage.data.stereo_motorcycle()[0]) if name == "motorcycle" else getattr(skimage.data, name, None)
@@ -43,7 +47,9 @@ def load_skimage_photo(name: str) -> torch.Tensor:
         array = array.astype(np.uint8) * 255
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255.0
+    image = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 255.0
+    height, width = resized_shape(image.shape[1], image.shape[2], max_size)
+    return F.interpolate(image[None], size=(height, width), mode="bilinear", antialias=True)[0].clamp_(0, 1)
 
 
 def _variant_plan(n_variants: int, variations: Sequence[str], max_combined: int, strength_range, rng):
@@ -59,14 +65,14 @@ def _variant_plan(n_variants: int, variations: Sequence[str], max_combined: int,
 
 def generate_benchmark(
     output_dir: Path, photos: Sequence[str], variations: Sequence[str], variants_per_class: int,
-    max_combined: int, strength_range: Sequence[float], seed: int,
+    max_combined: int, strength_range: Sequence[float], seed: int, image_size: int,
 ) -> Path:
     """Write the variant images and `manifest.csv` (filename, label, one strength column per variation)."""
     rng = np.random.default_rng(seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for class_index, photo in enumerate(photos):
-        original = load_skimage_photo(photo)
+        original = load_skimage_photo(photo, image_size)
         plan = [[]] + _variant_plan(variants_per_class, variations, max_combined, strength_range, rng)
         for variant_index, steps in enumerate(plan):
             image = original
@@ -92,8 +98,9 @@ def builtin_benchmark(
     photos: Sequence[str] = DEFAULT_PHOTOS,
     variations: Sequence[str] = DEFAULT_VARIATIONS,
     variants_per_class: int = 9,
-    max_combined: int = 2,
-    strength_range: Sequence[float] = (0.4, 0.9),
+    max_combined: int = 3,
+    strength_range: Sequence[float] = (0.5, 1.0),
+    image_size: int = 384,
     seed: int = 0,
     name: str = "builtin",
     query: Mapping | None = None,
@@ -103,15 +110,17 @@ def builtin_benchmark(
     photos, variations = list(photos), list(variations)
     for variation in variations:
         get_variation(variation)
-    if len(photos) < 2 or variants_per_class < 1:
-        raise ConfigError("the built-in benchmark needs at least 2 photos and 1 variant per class")
+    if len(photos) < 2 or variants_per_class < 1 or image_size < 32:
+        raise ConfigError("the built-in benchmark needs >= 2 photos, >= 1 variant per class and image_size >= 32")
     if not (0.0 <= strength_range[0] <= strength_range[1] <= 1.0) or not 1 <= max_combined <= len(VARIATIONS):
         raise ConfigError(f"invalid strength_range {list(strength_range)} or max_combined {max_combined}")
     params = dict(photos=photos, variations=variations, variants_per_class=variants_per_class,
-                  max_combined=max_combined, strength_range=list(strength_range), seed=seed, v=_FORMAT_VERSION)
+                  max_combined=max_combined, strength_range=list(strength_range), image_size=image_size,
+                  seed=seed, v=_FORMAT_VERSION)
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir).expanduser() / f"builtin-{key}"
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
-        generate_benchmark(folder, photos, variations, variants_per_class, max_combined, strength_range, seed)
+        generate_benchmark(folder, photos, variations, variants_per_class, max_combined, strength_range, seed,
+                           image_size)
     return csv_manifest(manifest, name=name, query=query, database=database)

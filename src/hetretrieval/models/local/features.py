@@ -51,7 +51,7 @@ class LocalFeatures:
 
     @property
     def is_binary(self) -> bool:
-        """Whether descriptors are packed bits (compared by Hamming distance) rather than unit float vectors."""
+        """Whether descriptors are packed bits (Hamming distance) rather than unit float vectors."""
         return self.descriptors.dtype == np.uint8
 
 

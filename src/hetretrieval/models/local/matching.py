@@ -1,4 +1,4 @@
-"""Tentative correspondences between two images' local descriptors: mutual nearest neighbours, Lowe's ratio test.
+"""Tentative correspondences between two images' local descriptors: mutual nearest neighbours, ratio test.
 
 Float descriptors are L2-normalised and compared by cosine similarity, expressed as the Euclidean distance
 `sqrt(2 - 2 cos)` (same ranking, and the distance Lowe's ratio is defined on); packed binary descriptors (ORB)
@@ -15,7 +15,7 @@ from hetretrieval.models.local.features import LocalFeatures
 
 
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
-    """`(N, D)` uint8 packed bits -> `(N, 8 * D)` float32 in {0, 1} (bit order within a byte is irrelevant here)."""
+    """`(N, D)` uint8 packed bits -> `(N, 8 * D)` float32 in {0, 1} (bit order is irrelevant here)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2).float()
 
@@ -27,7 +27,7 @@ def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def descriptor_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise distances `(N, D)`, `(M, D)` -> `(N, M)`: Hamming for uint8 packed bits, else `sqrt(2 - 2 cos)`."""
+    """Pairwise distances `(N, D)`, `(M, D)` -> `(N, M)`: Hamming for packed uint8, else `sqrt(2 - 2 cos)`."""
     if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
         raise ValueError(f"descriptors differ: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
     if a.dtype == torch.uint8:
@@ -40,9 +40,9 @@ def match_descriptors(
 ) -> torch.Tensor:
     """Tentative matches `(N, D)`, `(M, D)` -> `(K, 2)` int64 index pairs `(i in a, j in b)`, sorted by `i`.
 
-    Each descriptor of `a` proposes its nearest neighbour in `b` (lowest index on ties). `mutual` keeps a pair only
-    if `i` is also the nearest neighbour of `j` in `a`; `ratio` keeps it only if `d1 < ratio * d2` (Lowe), with
-    `d2 = inf` when `b` has a single descriptor. Both filters may be combined; with neither, all proposals stay.
+    Each descriptor of `a` proposes its nearest neighbour in `b` (lowest index on ties). `mutual` keeps a
+    pair only if `i` is also the nearest neighbour of `j` in `a`; `ratio` keeps it only if `d1 < ratio * d2`
+    (Lowe), with `d2 = inf` when `b` has one descriptor. Filters combine; with neither, all proposals stay.
     """
     if ratio is not None and not 0 < ratio <= 1:
         raise ConfigError(f"the ratio test needs 0 < ratio <= 1, got {ratio}")
@@ -63,7 +63,7 @@ def match_descriptors(
 def match_features(
     a: LocalFeatures, b: LocalFeatures, mutual: bool = True, ratio: float | None = None
 ) -> np.ndarray:
-    """`match_descriptors` on two images' features -> `(K, 2)` int64 numpy index pairs (keypoints of a, of b)."""
+    """`match_descriptors` on two images' features -> `(K, 2)` int64 numpy index pairs into keypoints."""
     matches = match_descriptors(
         torch.from_numpy(a.descriptors), torch.from_numpy(b.descriptors), mutual=mutual, ratio=ratio
     )

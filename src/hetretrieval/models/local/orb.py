@@ -14,7 +14,7 @@ ORB_DESCRIPTOR_BYTES = 32  # 256-bit rBRIEF
 
 
 def to_gray_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """`(H, W, 3)` RGB uint8 array, `(H, W)` gray uint8 array or `(3, H, W)` float tensor in [0, 1] -> `(H, W)` uint8."""
+    """`(H, W, 3)` RGB / `(H, W)` gray uint8 array or `(3, H, W)` float tensor in [0, 1] -> `(H, W)` uint8."""
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(

@@ -1,16 +1,17 @@
-"""Geometric verification by RANSAC: an image pair scores the inlier count of its best affine / homography model.
+"""Geometric verification by RANSAC: a pair scores the inlier count of its best affine / homography model.
 
-Two implementations of one estimator (sample minimal sets, fit, count points within `threshold` pixels of their
-transfer `||model(src) - dst||`, keep the model with most inliers):
+Two implementations of one estimator (sample minimal sets, fit, count correspondences whose transfer error
+`||model(src) - dst||` is within `threshold` pixels, keep the model with most inliers):
 
 - `ransac_batched` (torch): many pairs at once. Correspondence sets are padded to a common `M` with a validity
-  mask; all `B x iterations` minimal samples are drawn, solved and scored as batched tensor ops; the best model can
-  be refit by least squares on its inliers. Fixed iteration count, fixed seed: deterministic.
+  mask; all `B x iterations` minimal samples are drawn, solved and scored as batched tensor ops; the best
+  model can be refit by least squares on its inliers. Fixed iteration count, fixed seed: deterministic.
 - `ransac_opencv` (OpenCV, one pair): `cv2.estimateAffine2D` / `cv2.findHomography`, kept as the reference the
   batched path is tested against (OpenCV seeds its RANSAC internally and stops early at `confidence`).
 
-Degenerate inputs (fewer correspondences than a minimal set, collinear or orientation-flipping samples) give
-0 inliers and an all-zero model, never an error or NaN.
+Degenerate minimal samples (collinear points; for a homography, inconsistent orientations) are skipped; a pair
+with no other sample (too few or only collinear correspondences) gets 0 inliers and an all-zero model, never
+an error or NaN.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from hetretrieval.errors import ConfigError
 
 MINIMAL_SAMPLE_SIZE = {"affine": 3, "homography": 4}
-# Triangles whose orientation a homography must preserve (all) or reverse (all) for a 4-point sample to be valid.
+# Triangles of a 4-point sample whose orientations a valid homography preserves (all) or reverses (all).
 _HOMOGRAPHY_TRIANGLES = ((0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 3))
 # |sin| of a sample triangle's angle below which its points count as collinear.
 _COLLINEAR_SINE = 1e-5
@@ -64,9 +65,9 @@ def _normalise(
 
 
 def fit_affine(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted least-squares affine map `src -> dst`: `(..., K, 2)`, `(..., K, 2)`, `(..., K)` -> `(..., 3, 3)`.
+    """Weighted least-squares affine map `src -> dst`: `(..., K, 2)` twice, `(..., K)` -> `(..., 3, 3)`.
 
-    Exact for 3 non-collinear points. Fewer than 3 weighted points in general position give non-finite entries.
+    Exact for 3 non-collinear points; without 3 weighted points in general position, entries are non-finite.
     """
     src_n, src_t, _ = _normalise(src, weights)
     dst_n, _, dst_inv = _normalise(dst, weights)
@@ -80,7 +81,7 @@ def fit_affine(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def fit_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted normalised DLT homography `src -> dst`: `(..., K, 2)`, `(..., K, 2)`, `(..., K)` -> `(..., 3, 3)`.
+    """Weighted normalised DLT homography `src -> dst`: `(..., K, 2)` twice, `(..., K)` -> `(..., 3, 3)`.
 
     Exact for 4 points, no 3 collinear. Minimises the algebraic error with `h33 = 1` in Hartley-normalised
     coordinates (safe there: `h33 = 0` would send the src centroid to infinity), i.e. solves 8 x 8 normal
@@ -110,21 +111,21 @@ def fit_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor) 
 
 
 def transfer_error(models: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Squared transfer error `||model(src) - dst||^2`: `(..., 3, 3)`, `(..., M, 2)`, `(..., M, 2)` -> `(..., M)`.
+    """Squared transfer error `||model(src) - dst||^2`: `(..., 3, 3)`, `(..., M, 2)` twice -> `(..., M)`.
 
-    Leading dimensions broadcast. Points mapped to infinity give `inf` (never inliers).
+    Leading dimensions of `models` and `src` broadcast; `dst` has the shape of `src`. Points mapped to
+    infinity give `inf` (never inliers).
     """
     x, y = src[..., 0], src[..., 1]
     h = models.flatten(-2).unsqueeze(-1).unbind(-2)  # 9 x (..., 1)
-    w = h[6] * x + h[7] * y + h[8]
-    error = ((h[0] * x + h[1] * y + h[2]) / w - dst[..., 0]) ** 2 + (
-        (h[3] * x + h[4] * y + h[5]) / w - dst[..., 1]
-    ) ** 2
-    return error.nan_to_num(nan=math.inf)
+    # fused multiply-adds and in-place updates: scoring hypotheses is memory-bound
+    u, v, w = (torch.addcmul(h[i + 2], h[i], x).addcmul_(h[i + 1], y) for i in (0, 3, 6))
+    error = u.div_(w).sub_(dst[..., 0]).square_().add_(v.div_(w).sub_(dst[..., 1]).square_())
+    return error.nan_to_num_(nan=math.inf)
 
 
 def _non_degenerate(src: torch.Tensor, dst: torch.Tensor, model: str) -> torch.Tensor:
-    """Minimal samples `(..., K, 2)` twice -> `(...,)` bool: no collinear triple; a homography keeps orientation."""
+    """Minimal samples `(..., K, 2)` twice -> `(...,)` bool: no collinear triple, consistent orientations."""
     triangles = _HOMOGRAPHY_TRIANGLES if model == "homography" else ((0, 1, 2),)
 
     def signed_sines(points: torch.Tensor) -> torch.Tensor:
@@ -146,8 +147,8 @@ def _sample_without_replacement(
 ) -> torch.Tensor:
     """`(B,)` set sizes -> `(B, iterations, size)` int64 distinct ranks in `[0, count)`, uniform over subsets.
 
-    The k-th draw is uniform over the `count - k` unused ranks: drawn in `[0, count - k)`, then shifted past each
-    already used rank it reaches (in increasing order). Rows with `count < size` hold meaningless in-range ranks.
+    The k-th draw is uniform over the `count - k` unused ranks: drawn in `[0, count - k)`, then shifted past
+    each used rank it reaches (in increasing order). Rows with `count < size` hold meaningless ranks.
     """
     uniform = torch.rand(len(counts), iterations, size, generator=generator, dtype=torch.float64)
     ranks = torch.zeros(len(counts), iterations, 0, dtype=torch.int64)
@@ -162,7 +163,7 @@ def _sample_without_replacement(
 
 @dataclass(frozen=True)
 class RansacResult:
-    """RANSAC over `B` pairs: `inliers` `(B, M)` bool and `models` `(B, 3, 3)` float64 mapping src to dst pixels."""
+    """RANSAC over `B` pairs: `inliers` `(B, M)` bool, `models` `(B, 3, 3)` float64 from src to dst pixels."""
 
     inliers: torch.Tensor
     models: torch.Tensor
@@ -187,7 +188,7 @@ def ransac_batched(
 
     Each pair draws `iterations` minimal samples (3 points for `affine`, 4 for `homography`) among its valid
     correspondences; a correspondence is an inlier when its transfer error is at most `threshold` pixels. With
-    `refine`, the best model is refit on its inliers (weighted least squares) and kept if it has no fewer inliers.
+    `refine`, the best model is refit on its inliers (weighted least squares), kept if no fewer inliers.
     """
     _check_config(model, threshold, iterations)
     fit = fit_affine if model == "affine" else fit_homography
@@ -246,7 +247,7 @@ def ransac_batched(
 def pad_correspondences(
     correspondences: Sequence[tuple[np.ndarray, np.ndarray]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`B` pairs of `(M_b, 2)` src / dst pixel arrays -> src, dst `(B, M, 2)` float32 zero-padded, valid `(B, M)`."""
+    """`B` pairs of `(M_b, 2)` src / dst pixels -> src, dst `(B, M, 2)` float32 0-padded, valid `(B, M)`."""
     num_points = max((len(src) for src, _ in correspondences), default=0)
     src = torch.zeros(len(correspondences), num_points, 2)
     dst = torch.zeros_like(src)
@@ -305,13 +306,15 @@ def ransac_opencv(
     iterations: int = 1000,
     confidence: float = 0.999,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reference RANSAC on one pair with OpenCV: `(M, 2)`, `(M, 2)` pixels -> inliers `(M,)` bool, model `(3, 3)`.
+    """Reference RANSAC on one pair with OpenCV: `(M, 2)` src / dst pixels -> inliers `(M,)`, model `(3, 3)`.
 
     OpenCV scores the same transfer error against `threshold` and stops early once `confidence` is reached.
     """
     import cv2
 
     _check_config(model, threshold, iterations)
+    if not 0 < confidence < 1:
+        raise ConfigError(f"OpenCV RANSAC needs 0 < confidence < 1, got {confidence}")
     inliers, no_model = np.zeros(len(src), dtype=bool), np.zeros((3, 3))
     if len(src) < MINIMAL_SAMPLE_SIZE[model]:
         return inliers, no_model
