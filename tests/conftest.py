@@ -36,3 +36,31 @@ def heritage_root() -> Path:
 def revisitop_root() -> Path:
     """`../shared/data/revisitop` (gnd_roxford5k.pkl, gnd_rparis6k.pkl)."""
     return _shared("revisitop")
+
+
+TINY_BUILTIN = [
+    "dataset=builtin", "dataset.photos=[astronaut,coffee,chelsea,rocket]", "dataset.variants_per_class=2",
+    "dataset.image_size=64", "extraction.max_size=64",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache (generated benchmarks) for the whole test session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def compose_eval(tmp_path, cache_dir):
+    """Compose `conf/eval.yaml` with overrides, outputs in `tmp_path/run`, CSV logging (as the template's conftest)."""
+    from hydra import compose, initialize_config_dir
+
+    from hetretrieval.config import CONFIG_DIR
+
+    def _compose(*overrides: str, config_name: str = "eval"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name, overrides=[
+                f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}", f"paths.data_dir={SHARED_DATA}",
+                "logger=csv", *overrides])
+
+    return _compose

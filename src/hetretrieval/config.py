@@ -42,13 +42,14 @@ class EvaluationOptions:
     max_batch_entries: int = 1 << 24  # similarities held at once while ranking (bounds memory)
 
 
-def typed(node: DictConfig, schema: type) -> Any:
-    """Validate a config node against a dataclass schema and return the typed object."""
+def typed(node: DictConfig, schema: type, section: str) -> Any:
+    """Validate the config section `section` against a dataclass schema and return the typed object."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as error:
-        raise ConfigError(f"invalid {schema.__name__}: {error.msg if hasattr(error, 'msg') else error}".split("\n")[0]) from None
+        key = f"{section}.{error.full_key}" if getattr(error, "full_key", None) else section
+        message = str(getattr(error, "msg", error)).split("\n")[0]
+        raise ConfigError(f"invalid config value at '{key}': {message}") from None
 
 
 def instantiate(node: DictConfig, **kwargs) -> Any:

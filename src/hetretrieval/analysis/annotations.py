@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -105,3 +106,51 @@ def paper_table3_map() -> Table:
 def paper_table1() -> Table:
     """The paper's Table 1: Pearson correlation of each variation (and `Overall`) with each descriptor's mAP."""
     return Table.read_csv(_alegoria_resource("paper_table1.csv"))
+
+
+def predominance_level(n_differing: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
+    """The paper's 0–3 predominance level from how many images of a class differ from its reference image.
+
+    `n_differing`, `class_sizes` (same shape) -> int64: 0 none, 1 anecdotal (one image), 2 multiple
+    occurrences, 3 predominant (more than a third of the class).
+    """
+    n_differing, class_sizes = np.asarray(n_differing), np.asarray(class_sizes)
+    return np.select([n_differing == 0, n_differing == 1, 3 * n_differing > class_sizes], [0, 1, 3], 2).astype(np.int64)
+
+
+def predominance_from_tags(labels: Sequence[str | None], tags: Mapping[str, Sequence[str]]) -> VariationPredominance:
+    """Class-level predominance derived from image-level tags, the first image of a class being its reference.
+
+    `labels (N,)` (None: unlabelled, ignored) and `tags {column: (N,) values}` (e.g. heritage-wild's `medium`,
+    `color`, `view`) -> classes × tag columns scored with `predominance_level`: the paper's annotation protocol,
+    with "differs from the reference" read off the tags instead of judged by eye.
+    """
+    classes = sorted({label for label in labels if label is not None})
+    if not classes or not tags:
+        raise DataError("deriving predominance needs labelled images and at least one tag column")
+    members = {c: [i for i, label in enumerate(labels) if label == c] for c in classes}
+    sizes = np.array([len(members[c]) for c in classes], dtype=np.int64)
+    columns = tuple(tags)
+    differing = np.array([[sum(tags[t][i] != tags[t][members[c][0]] for i in members[c]) for t in columns]
+                          for c in classes])
+    scores = Table("class", tuple(classes), columns, predominance_level(differing, sizes[:, None]))
+    return VariationPredominance(scores=scores, class_sizes=sizes)
+
+
+def reproduce_paper_table1(n_resamples: int = 1000) -> tuple[Table, Table, dict[str, float]]:
+    """Table 1 recomputed from the paper's Table 3 (mAPs and predominance over the 39 Alegoria classes).
+
+    Returns `(reproduced, paper, max_abs_difference per descriptor column)`; see tests/unit/test_alegoria_tables
+    for where and why the paper's two tables disagree.
+    """
+    import warnings
+
+    from hetretrieval.analysis.correlation import CorrelationWarning, correlate, correlation_matrix
+
+    predominance = alegoria_variation_predominance().with_overall_difficulty()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorrelationWarning)
+        reproduced = correlation_matrix(correlate(predominance, paper_table3_map(), n_resamples=n_resamples))
+    paper = paper_table1().select(index=reproduced.index, columns=reproduced.columns)
+    difference = np.abs(reproduced.values - paper.values).max(axis=0)
+    return reproduced, paper, {d: float(v) for d, v in zip(paper.columns, difference, strict=True)}

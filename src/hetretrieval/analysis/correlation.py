@@ -229,27 +229,46 @@ def write_correlations_csv(correlations: Sequence[Correlation], path: str | os.P
 
 def plot_correlation_heatmap(matrix: Table, path: str | os.PathLike, title: str | None = None) -> Path:
     """Save a PNG heatmap of a variations × descriptors matrix in [-1, 1], each cell annotated."""
+    return plot_table_heatmap(matrix, path, title, value_range=(-1.0, 1.0), cmap="RdBu_r", label="correlation")
+
+
+def plot_table_heatmap(
+    table: Table, path: str | os.PathLike, title: str | None = None, value_range: tuple[float, float] = (0.0, 1.0),
+    cmap: str = "viridis", label: str = "mAP",
+) -> Path:
+    """Save a PNG heatmap of any `Table` (e.g. classes × descriptors mAP), each cell annotated; NaN shown n/a.
+
+    A `value_range` spanning 0 is read as diverging (e.g. correlations with "RdBu_r").
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    n_rows, n_cols = matrix.values.shape
-    figure = Figure(figsize=(1.0 + 0.9 * n_cols, 1.0 + 0.45 * n_rows), layout="constrained")
+    n_rows, n_cols = table.values.shape
+    figure = Figure(figsize=(1.5 + 0.9 * n_cols, 1.0 + 0.45 * n_rows), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    image = axes.imshow(matrix.values, cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
-    axes.set_xticks(range(n_cols), matrix.columns, rotation=45, ha="right")
-    axes.set_yticks(range(n_rows), matrix.index)
-    for (row, col), value in np.ndenumerate(matrix.values):
+    low, high = value_range
+    diverging = low < 0 < high
+    image = axes.imshow(table.values, cmap=cmap, vmin=low, vmax=high, aspect="auto")
+    axes.set_xticks(range(n_cols), table.columns, rotation=45, ha="right")
+    axes.set_yticks(range(n_rows), table.index)
+    for (row, col), value in np.ndenumerate(table.values):
         text = "n/a" if np.isnan(value) else f"{value:.2f}"
         axes.text(col, row, text, ha="center", va="center", fontsize=8,
-                  color="white" if abs(value) > 0.6 else "black")
-    figure.colorbar(image, ax=axes, label="correlation")
+                  color="white" if _dark_cell(value, low, high, diverging) else "black")
+    figure.colorbar(image, ax=axes, label=label)
     if title:
         axes.set_title(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150)
     return path
+
+
+def _dark_cell(value: float, low: float, high: float, diverging: bool) -> bool:
+    """Whether a cell's colour is dark: the ends of a diverging map, the low end of a sequential one."""
+    middle = (low + high) / 2
+    return abs(value - middle) > 0.3 * (high - low) if diverging else value < middle
 
 
 def open_text_source(source: str | os.PathLike | Traversable) -> TextIO:

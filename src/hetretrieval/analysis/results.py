@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetretrieval.data.datasets import RetrievalDataset
+from hetretrieval.data.datasets import ImageRecord, RetrievalDataset
 from hetretrieval.errors import DataError
 from hetretrieval.metrics.retrieval import RetrievalResults
 
@@ -143,3 +143,27 @@ def load_run(directory: str | Path) -> SavedRun:
     with (directory / PER_QUERY).open(newline="") as handle:
         per_query = list(csv.DictReader(handle))
     return SavedRun(directory, json.loads((directory / SUMMARY).read_text()), per_class, per_query)
+
+
+@dataclass(frozen=True)
+class SavedImages:
+    """`images.csv` read back: the records (path, label, metadata) and per-image role flags, each `(N,)` bool."""
+
+    records: tuple[ImageRecord, ...]
+    query: np.ndarray
+    database: np.ndarray
+    described: np.ndarray
+
+
+def load_images(directory: str | Path) -> SavedImages:
+    """Read a run's `images.csv` back into `ImageRecord`s (empty label -> unlabelled) and role flags."""
+    path = Path(directory) / IMAGES
+    if not path.is_file():
+        raise DataError(f"'{directory}' has no {IMAGES}: not a hetretrieval run directory")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    roles = ("image_id", "path", "label", "query", "database", "described")
+    records = tuple(ImageRecord(Path(row["path"]), row["label"] or None,
+                                {k: v for k, v in row.items() if k not in roles and v != ""}) for row in rows)
+    flags = {role: np.array([row[role] == "1" for row in rows], dtype=bool) for role in roles[3:]}
+    return SavedImages(records, flags["query"], flags["database"], flags["described"])

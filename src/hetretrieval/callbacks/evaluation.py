@@ -7,6 +7,7 @@ search, writes the run directory and logs.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -14,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 import torch.distributed as dist
 
-from hetretrieval.analysis.results import class_metadata, write_run
+from hetretrieval.analysis.results import SUMMARY, class_metadata, write_run
 from hetretrieval.analysis.tables import format_table
 from hetretrieval.metrics.retrieval import RetrievalResults, evaluate_retrieval
+from hetretrieval.metrics.revisited import PROTOCOLS, evaluate_revisited, rank_database, revisited_summary
 
 log = logging.getLogger(__name__)
+
+REVISITED = "revisited.json"
 
 
 def merge_gathered(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +113,19 @@ class RetrievalEvaluation(pl.Callback):
                         "search_and_metrics_s": round(time.perf_counter() - started, 3)},
         }
         self.summary = write_run(self.output_dir, dataset, self.results, descriptors, valid, skipped, info, self.ks)
+        if getattr(dataset, "ground_truth", None) is not None:
+            self._evaluate_revisited(dataset, descriptors)
         self._log(trainer, dataset)
         self._print(dataset)
+
+    def _evaluate_revisited(self, dataset, descriptors: np.ndarray) -> None:
+        """Revisited Oxford/Paris: the official Easy/Medium/Hard scores, into revisited.json and the summary."""
+        ranking = rank_database(descriptors[dataset.query_ids], descriptors[dataset.database_ids],
+                                self.max_batch_entries)
+        scores = revisited_summary(evaluate_revisited(ranking, dataset.ground_truth.queries, self.ks))
+        (self.output_dir / REVISITED).write_text(json.dumps(scores, indent=2))
+        self.summary.update(scores)
+        (self.output_dir / SUMMARY).write_text(json.dumps(self.summary, indent=2, default=str))
 
     def _per_class_rows(self, dataset) -> list[dict]:
         return [{"class": label, "n_queries": n, "mAP": m, **class_metadata(dataset, label)}
@@ -138,4 +152,6 @@ class RetrievalEvaluation(pl.Callback):
         print(f"mAP {s['mAP']:.4f}   class mAP {s['class_mAP']:.4f}   "
               + "   ".join(f"mP@{k} {s[f'mP@{k}']:.4f}" for k in self.ks if s.get(f"mP@{k}") is not None)
               + f"   ({s['timings']['images_per_s']:.1f} images/s)")
+        if "mAP_medium" in s:
+            print("revisited protocols: " + "   ".join(f"{p} mAP {s[f'mAP_{p}']:.4f}" for p in PROTOCOLS))
         print(f"results written to {self.output_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -37,8 +38,8 @@ def finish_loggers(loggers: list) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Build everything from the config (failing fast on bad values), extract, evaluate; returns the summary."""
-    extraction = typed(cfg.extraction, ExtractionOptions)
-    evaluation = typed(cfg.evaluation, EvaluationOptions)
+    extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
+    evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
     pl.seed_everything(cfg.seed, workers=True)
     dataset = instantiate(cfg.dataset)
     module = RetrievalModule(instantiate(cfg.backbone), instantiate(cfg.pooling), extraction.scales)
@@ -60,6 +61,8 @@ def evaluate(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     """Run one evaluation; returns mAP so that Hydra sweepers can optimise it."""
     os.environ.setdefault("WANDB_SILENT", "true")
+    # our size-bucket sampler returns every index (tested); Lightning cannot know and warns on every run
+    warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
     try:
         summary = evaluate(cfg)
     except HetRetrievalError as error:

@@ -17,7 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hetretrieval.data.datasets import RetrievalDataset
-from hetretrieval.data.images import ImageLoadError, load_image, read_image_size, resized_shape
+from hetretrieval.data.images import (
+    CROP_KEY,
+    ImageLoadError,
+    load_image,
+    parse_box,
+    read_image_size,
+    resized_shape,
+)
 from hetretrieval.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,19 +34,22 @@ class ImageFileDataset(Dataset):
     """Loads `records[i]` as `{"index": i, "image": (3, H, W) or None, "error": str or None}`.
 
     A file that cannot be decoded yields `image=None` and the reason, so the caller can report it as skipped
-    instead of crashing a worker or silently shortening the results.
+    instead of crashing a worker or silently shortening the results. `boxes[i]`, when given and not None,
+    crops image i (`load_image`'s `box`).
     """
 
-    def __init__(self, paths: Sequence, max_size: int | None) -> None:
+    def __init__(self, paths: Sequence, max_size: int | None, boxes: Sequence | None = None) -> None:
         self.paths = list(paths)
         self.max_size = max_size
+        self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
         try:
-            return {"index": index, "image": load_image(self.paths[index], self.max_size), "error": None}
+            return {"index": index, "image": load_image(self.paths[index], self.max_size, self.boxes[index]),
+                    "error": None}
         except ImageLoadError as error:
             return {"index": index, "image": None, "error": str(error)}
 
@@ -109,8 +119,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.shapes = []
         for index, record in enumerate(self.dataset.records):
             try:
-                self.shapes.append(resized_shape(*read_image_size(record.path), self.max_size))
-            except ImageLoadError as error:
+                box = parse_box(record.metadata.get(CROP_KEY))
+                self.shapes.append(resized_shape(*read_image_size(record.path, box), self.max_size))
+            except (ImageLoadError, ValueError) as error:
                 self.shapes.append(None)
                 self.unreadable[index] = str(error)
                 log.warning("skipping unreadable image: %s", error)
@@ -123,7 +134,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
         )
         return DataLoader(
-            ImageFileDataset([record.path for record in self.dataset.records], self.max_size),
+            ImageFileDataset([record.path for record in self.dataset.records], self.max_size,
+                             [parse_box(record.metadata.get(CROP_KEY)) for record in self.dataset.records]),
             batch_sampler=sampler, collate_fn=collate_same_size, num_workers=self.num_workers,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
         )

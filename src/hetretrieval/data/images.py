@@ -57,11 +57,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, max_size: int | None = 800) -> torch.Tensor:
+CROP_KEY = "crop"  # record metadata "x1,y1,x2,y2": describe only this box of the image (e.g. a query's bbx)
+
+
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """`"x1,y1,x2,y2"` (pixels of the displayed image) -> a box tuple; None or "" -> None."""
+    if not text:
+        return None
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"a crop box is 'x1,y1,x2,y2', got '{text}'") from None
+    return x1, y1, x2, y2
+
+
+def clip_box(height: int, width: int, box) -> tuple[int, int, int, int]:
+    """A box `(x1, y1, x2, y2)` rounded to pixels and clipped to a `height` x `width` image; ValueError if empty."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    clipped = (max(0, x1), max(0, y1), min(width, x2), min(height, y2))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise ValueError(f"box {tuple(box)} does not overlap the {width}x{height} image")
+    return clipped
+
+
+def load_image(path: str | Path, max_size: int | None = 800, box=None) -> torch.Tensor:
     """Read an image file as an RGB float tensor `(3, H, W)` in [0, 1], longer side at most `max_size`.
 
-    EXIF orientation is applied. JPEGs much larger than the target are decoded at reduced size (`draft`), then
-    resized with antialiasing, so a 4096² scan costs little more than an 800² one.
+    EXIF orientation is applied. With `box (x1, y1, x2, y2)`, only that region (`clip_box`) is kept, before
+    resizing. JPEGs much larger than the target are decoded at reduced size (`draft`), then resized with
+    antialiasing, so a 4096² scan costs little more than an 800² one.
     """
     path = Path(path)
     try:
@@ -69,11 +93,16 @@ def load_image(path: str | Path, max_size: int | None = 800) -> torch.Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 displayed = _oriented_size(image)
+                if box is not None:
+                    left, top, right, bottom = clip_box(*displayed, box)
+                    displayed = (bottom - top, right - left)
                 height, width = resized_shape(*displayed, max_size)
-                if image.format == "JPEG":
+                if image.format == "JPEG" and box is None:
                     swapped = displayed != (image.height, image.width)
                     image.draft(None, (height, width) if swapped else (width, height))
                 image = to_rgb(ImageOps.exif_transpose(image))
+                if box is not None:
+                    image = image.crop((left, top, right, bottom))
                 if (height, width) != (image.height, image.width):
                     image = image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
                 array = np.asarray(image, dtype=np.uint8)
@@ -91,12 +120,15 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return (image.width, image.height) if swap else (image.height, image.width)
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """`(height, width)` as displayed, from the file header only (cheap)."""
+def read_image_size(path: str | Path, box=None) -> tuple[int, int]:
+    """`(height, width)` as displayed (of `box` within it, if given), from the file header only (cheap)."""
     path = Path(path)
     try:
         with Image.open(path) as image:
-            return _oriented_size(image)
+            if box is None:
+                return _oriented_size(image)
+            left, top, right, bottom = clip_box(*_oriented_size(image), box)
+            return bottom - top, right - left
     except FileNotFoundError as error:
         raise ImageLoadError(f"{path}: file not found") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hetretrieval.data.datasets import ImageRecord, RetrievalDataset
+from hetretrieval.data.images import CROP_KEY, clip_box
 from hetretrieval.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -147,12 +149,40 @@ def crop_to_bbx(image: Image.Image, bbx: Sequence[float]) -> Image.Image:
 
     Revisited Oxford/Paris queries are evaluated on this crop, never on the full image.
     """
-    width, height = image.size
-    x1, y1, x2, y2 = (int(round(v)) for v in bbx)
-    box = (max(0, x1), max(0, y1), min(width, x2), min(height, y2))
-    if box[2] <= box[0] or box[3] <= box[1]:
-        raise ConfigError(f"bounding box {tuple(bbx)} does not overlap the {width}x{height} image")
-    return image.crop(box)
+    try:
+        return image.crop(clip_box(image.height, image.width, bbx))
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("box", "bounding box", 1)) from None
+
+
+@dataclass(frozen=True)
+class RevisitedDataset(RetrievalDataset):
+    """A revisited Oxford/Paris dataset: records are the queries then `imlist` (the database, in order), and
+    the ground truth travels with it so the evaluation can score the official Easy/Medium/Hard protocols."""
+
+    ground_truth: RevisitopGroundTruth | None = None
+
+
+def revisitop_dataset(root: str | Path, name: str, crop_queries: bool = True) -> RevisitedDataset:
+    """The 70 queries (cropped to their `bbx` by the loader when `crop_queries`) and the `imlist` database.
+
+    Queries are labelled by their own name, database images unlabelled: relevance comes from the ground truth
+    (the official protocols), not from labels. Fails at once, in one line, when the images are not in place.
+    """
+    ground_truth = load_revisitop(root, name)
+    folder = Path(root) / "jpg"
+    missing = [n for n in (*ground_truth.qimlist, *ground_truth.imlist) if not image_path(root, n).is_file()]
+    if missing:
+        archives = " and ".join(IMAGE_ARCHIVE_URLS[name])
+        raise DataError(f"{len(missing)} of the {name} images are missing from {folder} (e.g. {missing[0]}.jpg): "
+                        f"extract {archives} into {folder}")
+    queries = [ImageRecord(image_path(root, q.name), q.name,
+                           {"role": "query", **({CROP_KEY: ",".join(map(str, q.bbx))} if crop_queries else {})})
+               for q in ground_truth.queries]
+    database = [ImageRecord(image_path(root, n), None, {"role": "database"}) for n in ground_truth.imlist]
+    n_queries = len(queries)
+    return RevisitedDataset(name, (*queries, *database), np.arange(n_queries, dtype=np.int64),
+                            np.arange(n_queries, n_queries + len(database), dtype=np.int64), ground_truth)
 
 
 def download_revisitop(name: str, root: str | Path) -> Path:

@@ -162,3 +162,20 @@ def _check_ranking(ranking: np.ndarray, n_queries: int) -> np.ndarray:
     if ranking.size and ranking.min() < 0:
         raise ConfigError("ranking holds negative database indices")
     return ranking
+
+
+def rank_database(queries: np.ndarray, database: np.ndarray, max_batch_entries: int = 1 << 24) -> np.ndarray:
+    """Full rankings by inner product: `queries (Q, D)`, `database (N, D)` -> `(Q, N)` database indices, best first."""
+    from hetretrieval.index.search import iter_rankings
+
+    return np.concatenate([batch.positions for batch in iter_rankings(queries, database,
+                                                                       max_batch_entries=max_batch_entries)])
+
+
+def revisited_summary(scores: dict[str, ProtocolScores]) -> dict[str, float]:
+    """Flat scalars for logs and summaries: `mAP_easy`, `mP@5_hard`, ... (rounded to 6 decimals)."""
+    summary = {}
+    for protocol, result in scores.items():
+        summary[f"mAP_{protocol}"] = round(result.mean_average_precision, 6)
+        summary.update({f"mP@{k}_{protocol}": round(v, 6) for k, v in result.mean_precision_at_k.items()})
+    return summary

@@ -67,7 +67,11 @@ def create_timm_model(model_name: str, pretrained: bool, checkpoint: str | Path 
         raise ConfigError(f"timm has no model '{model_name}' (see timm.list_models())")
     if checkpoint is not None:
         model = timm.create_model(model_name, pretrained=False)
-        missing, unexpected = model.load_state_dict(_load_checkpoint(checkpoint), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(_load_checkpoint(checkpoint), strict=False)
+        except RuntimeError as error:  # shape mismatches
+            detail = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)
+            raise WeightsUnavailableError(f"checkpoint '{checkpoint}' does not fit {model_name}: {detail}") from None
         if [k for k in missing if not k.startswith(("fc.", "classifier.", "head."))] or unexpected:
             raise WeightsUnavailableError(
                 f"checkpoint '{checkpoint}' does not fit {model_name}: {len(missing)} missing, "

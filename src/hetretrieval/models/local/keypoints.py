@@ -19,7 +19,6 @@ from hetretrieval.errors import ConfigError
 from hetretrieval.models.local.features import LocalFeatures
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)  # Noh et al.'s pyramid: powers of sqrt(2)
-_PROBE_THIN_SIDE = 64  # the probe's other side: any size that leaves the module a non-empty output map
 
 
 @dataclass(frozen=True)
@@ -45,26 +44,26 @@ def receptive_field(module: nn.Module, in_channels: int = 3, probe_size: int = 5
     sigmoid), so after filling a set of input rows with NaN an output unit is NaN exactly when its
     computation reads one of those rows. Filling the rows `< t` (resp. `>= t`) with NaN is monotone in `t`,
     so a binary search on `t` finds the first (last) input row a unit depends on: the receptive field's
-    bounds, exact whatever the graph (residual branches, "same" padding, max pooling, dilation — for
-    dilated convs the bounds' hull). Two neighbouring units near the centre give the stride, and their
-    centres extrapolated to unit 0 the offset. Each axis is measured on a thin `probe_size x 64` probe, since
-    a conv's support along one axis does not depend on the other axis's size; the weights are left as they
-    are, on a CPU copy in eval mode (so batch-norm does not mix the batch) with the mkldnn/nnpack convs
-    disabled, whose Winograd/FFT algorithms could spread a NaN outside its true support.
+    bounds, exact whatever the graph (residual branches, "same" padding, max pooling; for dilated convs the
+    bounds' hull). Two neighbouring units near the centre give the stride, and their centres extrapolated to
+    unit 0 the offset. Each axis is measured on a thin probe (`probe_size` along it, a few pixels across),
+    since a conv's support along one axis does not depend on the other axis's size. The weights stay as they
+    are, on a CPU copy in eval mode (so batch-norm does not mix the batch); NNPACK, whose Winograd/FFT
+    convolutions could spread a NaN beyond its true support, is disabled (oneDNN's direct convolutions do not).
 
     Limits: modules with global context (squeeze-excitation, self-attention, global pooling) depend on every
     pixel; then the field reaches the probe's border and this raises `ConfigError`. For TF-"same" padding
-    (timm `tf_*` models) the padding, hence the offset, varies by up to a few pixels with the input size
-    modulo the stride; the value returned is the one for `probe_size`.
+    (timm `tf_*` models) the padding, hence the offset, varies with the input size modulo the stride (by up to
+    `stride - 1` pixels); the value returned is the one for an input of `probe_size` pixels.
 
     Args:
         module: maps an image batch to a feature map; a list/tuple output (timm `features_only`) uses its
             last map.
         in_channels: channels of the probe image.
-        probe_size: probe side along the measured axis; must exceed the receptive field size.
+        probe_size: probe length along the measured axis; must exceed the receptive field size.
     """
     probe_module = copy.deepcopy(module).cpu().float().eval()
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+    with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
         x_size, x_stride, x_offset = _receptive_field_along(probe_module, in_channels, probe_size, axis=-1)
         y_size, y_stride, y_offset = _receptive_field_along(probe_module, in_channels, probe_size, axis=-2)
     return ReceptiveField(size=(x_size, y_size), stride=(x_stride, y_stride), offset=(x_offset, y_offset))
@@ -75,42 +74,57 @@ def _feature_map(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return output[-1] if isinstance(output, list | tuple) else output
 
 
+def _thin_probe(module: nn.Module, in_channels: int, probe_size: int, axis: int) -> torch.Tensor:
+    """The cheapest zero probe, `probe_size` long along `axis`, on which the module gives a non-empty map."""
+    for thin_side in (8, 16, 32, 64, 128, 256, 512, 1024):
+        shape = [1, in_channels, thin_side, thin_side]
+        shape[axis] = probe_size
+        probe = torch.zeros(shape)
+        try:
+            if _feature_map(module, probe).shape[-2:].numel() > 0:
+                return probe
+        except RuntimeError:  # input smaller than a kernel: try a wider probe
+            continue
+    raise ConfigError(f"the module gives no output on a {probe_size}-pixel probe: increase probe_size")
+
+
 def _receptive_field_along(
     module: nn.Module, in_channels: int, probe_size: int, axis: int
 ) -> tuple[int, int, float]:
     """`(size, stride, offset)` along `axis` (-1: x, -2: y), see `receptive_field`."""
-    shape = [1, in_channels, _PROBE_THIN_SIDE, _PROBE_THIN_SIDE]
-    shape[axis] = probe_size
-    probe = torch.zeros(shape)
+    probe = _thin_probe(module, in_channels, probe_size, axis)
     n_units = _feature_map(module, probe).shape[axis]
     if n_units < 2:
-        raise ConfigError(f"probe_size={probe_size} gives fewer than 2 feature-map units: increase probe_size")
-    units = (n_units // 2 - 1, n_units // 2)
+        raise ConfigError(
+            f"probe_size={probe_size} gives fewer than 2 feature-map units: increase probe_size"
+        )
     positions = torch.arange(probe_size).view([-1] + [1] * (-axis - 1))
-
-    def is_nan(thresholds: list[int], below: bool) -> list[bool]:
-        """Per unit, whether it turns NaN once the probe rows `< t` (`below`) or `>= t` are NaN."""
-        masks = [(positions < t) if below else (positions >= t) for t in thresholds]
+    # Four searches in lockstep, one batched forward per step: (unit, whether the rows below t are NaN).
+    # first row of u: t - 1 for the smallest t whose rows < t reach u; last row: the largest t whose rows >= t do.
+    searches = [
+        (n_units // 2 - 1, True),
+        (n_units // 2, True),
+        (n_units // 2 - 1, False),
+        (n_units // 2, False),
+    ]
+    low = [1 if below else 0 for _, below in searches]
+    high = [probe_size if below else probe_size - 1 for _, below in searches]
+    while low != high:
+        middle = [
+            (lo + hi + (not below)) // 2 for lo, hi, (_, below) in zip(low, high, searches, strict=True)
+        ]
+        masks = [
+            positions < t if below else positions >= t for t, (_, below) in zip(middle, searches, strict=True)
+        ]
         batch = torch.stack([probe[0].masked_fill(mask, float("nan")) for mask in masks])
         output = _feature_map(module, batch).movedim(axis, 1)
-        return [bool(output[i, unit].isnan().any()) for i, unit in enumerate(units)]
-
-    # first[u]: smallest t making unit u NaN with rows < t filled, so its first input row is t - 1
-    low, high = [1, 1], [probe_size, probe_size]
-    while low != high:
-        middle = [(lo + hi) // 2 for lo, hi in zip(low, high, strict=True)]
-        hits = is_nan(middle, below=True)
-        low = [lo if hit else m + 1 for lo, m, hit in zip(low, middle, hits, strict=True)]
-        high = [m if hit else hi for hi, m, hit in zip(high, middle, hits, strict=True)]
-    first = [t - 1 for t in low]
-    # last[u]: largest t making unit u NaN with rows >= t filled, its last input row
-    low, high = [0, 0], [probe_size - 1, probe_size - 1]
-    while low != high:
-        middle = [(lo + hi + 1) // 2 for lo, hi in zip(low, high, strict=True)]
-        hits = is_nan(middle, below=False)
-        low = [m if hit else lo for lo, m, hit in zip(low, middle, hits, strict=True)]
-        high = [hi if hit else m - 1 for hi, m, hit in zip(high, middle, hits, strict=True)]
-    last = low
+        for i, (unit, below) in enumerate(searches):
+            reached = bool(output[i, unit].isnan().any())
+            if below:
+                low[i], high[i] = (low[i], middle[i]) if reached else (middle[i] + 1, high[i])
+            else:
+                low[i], high[i] = (middle[i], high[i]) if reached else (low[i], middle[i] - 1)
+    first, last = [t - 1 for t in low[:2]], low[2:]
 
     if min(first) <= 0 or max(last) >= probe_size - 1:
         raise ConfigError(
@@ -121,7 +135,7 @@ def _receptive_field_along(
     stride = first[1] - first[0]
     if sizes[0] != sizes[1] or stride != last[1] - last[0] or stride < 1:
         raise ConfigError(f"the module is not translation-equivariant along axis {axis}: {first=} {last=}")
-    offset = (first[0] + last[0]) / 2 - stride * units[0]
+    offset = (first[0] + last[0]) / 2 - stride * searches[0][0]
     return sizes[0], stride, offset
 
 
@@ -187,7 +201,9 @@ def extract_local_features(
     with torch.no_grad():
         for scale in scales:
             size = (max(1, round(scale * height)), max(1, round(scale * width)))
-            scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+            scaled = F.interpolate(
+                image[None], size=size, mode="bilinear", align_corners=False, antialias=True
+            )
             features = feature_fn(scaled)
             found = select_keypoints(features[0], scorer(features)[0], rf, top_n, threshold)
             resize = torch.tensor([width / size[1], height / size[0]], device=found[0].device)

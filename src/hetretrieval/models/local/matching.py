@@ -47,12 +47,12 @@ def match_descriptors(
     if ratio is not None and not 0 < ratio <= 1:
         raise ConfigError(f"the ratio test needs 0 < ratio <= 1, got {ratio}")
     if len(a) == 0 or len(b) == 0:
-        return torch.zeros((0, 2), dtype=torch.int64)
+        return torch.zeros((0, 2), dtype=torch.int64, device=a.device)
     distance = descriptor_distance(a, b)
     nearest_distance, nearest_in_b = distance.min(dim=1)
-    keep = torch.ones(len(a), dtype=torch.bool)
+    keep = torch.ones(len(a), dtype=torch.bool, device=a.device)
     if mutual:
-        keep &= distance.argmin(dim=0)[nearest_in_b] == torch.arange(len(a))
+        keep &= distance.argmin(dim=0)[nearest_in_b] == torch.arange(len(a), device=a.device)
     if ratio is not None and len(b) > 1:
         second_distance = distance.topk(2, dim=1, largest=False).values[:, 1]
         keep &= nearest_distance < ratio * second_distance

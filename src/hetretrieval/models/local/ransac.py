@@ -151,7 +151,8 @@ def _sample_without_replacement(
     each used rank it reaches (in increasing order). Rows with `count < size` hold meaningless ranks.
     """
     uniform = torch.rand(len(counts), iterations, size, generator=generator, dtype=torch.float64)
-    ranks = torch.zeros(len(counts), iterations, 0, dtype=torch.int64)
+    uniform = uniform.to(counts.device)  # drawn by a CPU generator: the same samples on every device
+    ranks = torch.zeros(len(counts), iterations, 0, dtype=torch.int64, device=counts.device)
     for k in range(size):
         remaining = (counts - k).clamp_min(1).unsqueeze(-1)
         rank = (uniform[..., k] * remaining).long().clamp_max(remaining - 1)
@@ -199,7 +200,7 @@ def ransac_batched(
     squared_threshold = threshold**2
     counts = valid.sum(-1)
     if num_points == 0:
-        return RansacResult(inliers=valid.clone(), models=torch.zeros(num_pairs, 3, 3, dtype=torch.float64))
+        return RansacResult(inliers=valid.clone(), models=src.new_zeros(num_pairs, 3, 3))
 
     def score(models: torch.Tensor) -> torch.Tensor:
         """`(B, H, 3, 3)` -> `(B, H, M)` inlier masks (scored in float32, as OpenCV does)."""
@@ -212,8 +213,8 @@ def ransac_batched(
         valid_first.gather(1, ranks.flatten(1)).view(num_pairs, iterations, size, 1).expand(-1, -1, -1, 2)
     )
 
-    best_models = torch.zeros(num_pairs, 3, 3, dtype=torch.float64)
-    best_counts = torch.full((num_pairs,), -1, dtype=torch.int64)
+    best_models = src.new_zeros(num_pairs, 3, 3)
+    best_counts = counts.new_full((num_pairs,), -1)
     chunk = max(1, _SCORING_CHUNK_ELEMENTS // max(1, num_pairs * num_points))
     for start in range(0, iterations, chunk):
         index = samples[:, start : start + chunk]
@@ -231,7 +232,7 @@ def ransac_batched(
         best_counts[better] = chunk_counts[better]
         best_models[better] = models[better, chunk_best[better]]
 
-    found = best_counts >= size
+    found = best_counts >= 0  # some sample was non-degenerate
     best_models[~found] = 0
     inliers = score(best_models.unsqueeze(1)).squeeze(1) & found.unsqueeze(-1)
     if refine:
@@ -263,7 +264,8 @@ def pad_correspondences(
 class GeometricVerifier:
     """Configured batched RANSAC for many image pairs (a Hydra target); a pair's score is its inlier count.
 
-    Pairs are verified `batch_size` at a time, grouped by correspondence count so that little is padding.
+    Pairs are verified `batch_size` at a time on `device`, grouped by correspondence count so that little is
+    padding.
     """
 
     model: str = "affine"
@@ -272,6 +274,7 @@ class GeometricVerifier:
     seed: int = 0
     refine: bool = True
     batch_size: int = 64
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         _check_config(self.model, self.threshold, self.iterations)
@@ -289,12 +292,15 @@ class GeometricVerifier:
         masks: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(correspondences)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            src, dst, valid = pad_correspondences([correspondences[i] for i in batch])
+            src, dst, valid = (
+                padded.to(self.device) for padded in pad_correspondences([correspondences[i] for i in batch])
+            )
             result = ransac_batched(
                 src, dst, valid, self.model, self.threshold, self.iterations, self.seed, self.refine
             )
+            inliers = result.inliers.cpu().numpy()
             for row, i in enumerate(batch):
-                masks[i] = result.inliers[row, : len(correspondences[i][0])].numpy()
+                masks[i] = inliers[row, : len(correspondences[i][0])]
         return masks
 
 

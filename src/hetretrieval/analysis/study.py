@@ -1,0 +1,189 @@
+"""Controlled variation study: mAP as one variation grows in strength, per descriptor (a causal robustness curve).
+
+The paper could only correlate per-class mAP with annotated variations; here one variation of
+`data/variations.py` is applied at graded strengths, everything else fixed. With `apply_to="queries"` only the
+queries change: they are held out of the database, so a varied query cannot find its own clean original. With
+`apply_to="all"` every image changes and the dataset's own protocol is kept: the paper's grayscale experiment
+(Table 2) is the `grayscale` preset. Each image is loaded once and each (image, strength) goes through the
+backbone once; every pooling head describes the same feature map.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hetretrieval.analysis.results import summarise
+from hetretrieval.data.datamodule import RetrievalDataModule
+from hetretrieval.data.datasets import RetrievalDataset
+from hetretrieval.data.variations import apply_variation, get_variation
+from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.metrics.retrieval import evaluate_retrieval
+
+APPLY_TO = ("queries", "all")
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """One variation at graded `strengths` in [0, 1], applied to the queries only or to every image."""
+
+    variation: str
+    strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    apply_to: str = "queries"
+
+    def __post_init__(self) -> None:
+        get_variation(self.variation)
+        if self.apply_to not in APPLY_TO:
+            raise ConfigError(f"apply_to must be one of {APPLY_TO}, got '{self.apply_to}'")
+        if not self.strengths or any(not 0.0 <= s <= 1.0 for s in self.strengths):
+            raise ConfigError(f"strengths must be a non-empty list in [0, 1], got {list(self.strengths)}")
+        object.__setattr__(self, "strengths", tuple(sorted({float(s) for s in self.strengths})))
+
+
+PRESETS: dict[str, StudyPlan] = {
+    # The paper's Table 2: every image, queries and database, described in grayscale.
+    "grayscale": StudyPlan("grayscale", (0.0, 1.0), "all"),
+}
+
+
+def hold_out_queries(dataset: RetrievalDataset, queries_per_class: int | None) -> RetrievalDataset:
+    """Queries: up to `queries_per_class` of each class, evenly spread over its queries in dataset order;
+    database: the dataset's database without them. None keeps every query (and leaves them all out)."""
+    labels = dataset.labels
+    chosen = []
+    for label in sorted({labels[i] for i in dataset.query_ids}):
+        members = [int(i) for i in dataset.query_ids if labels[i] == label]
+        if queries_per_class is not None and len(members) > queries_per_class:
+            members = [members[j] for j in np.linspace(0, len(members) - 1, queries_per_class).round().astype(int)]
+        chosen.extend(members)
+    query_ids = np.array(sorted(chosen), dtype=np.int64)
+    database_ids = np.setdiff1d(dataset.database_ids, query_ids)
+    if database_ids.size == 0:
+        raise DataError(f"holding out the queries empties the database of '{dataset.name}'; "
+                        "lower queries_per_class or give the dataset a separate database")
+    return RetrievalDataset(dataset.name, dataset.records, query_ids, database_ids)
+
+
+Condition = tuple[str, str, float]  # (variation, apply_to, strength)
+
+
+@torch.inference_mode()
+def describe_varied(
+    backbone: nn.Module, heads: Mapping[str, nn.Module], datamodule: RetrievalDataModule,
+    plans: Sequence[tuple[StudyPlan, np.ndarray]], seed: int = 0,
+) -> tuple[dict[Condition, dict[str, np.ndarray]], np.ndarray]:
+    """Descriptors of every image under every condition, in one pass over the images.
+
+    `plans`: `(plan, varied (N,) bool)` pairs -> `{(variation, apply_to, strength): {head: (N, D)}}` and
+    `valid (N,)`. Images not `varied` keep their clean descriptor (computed once per image). The randomness
+    of a variation (direction, position) is seeded from `seed` and the batch's first image index.
+    """
+    datamodule.setup("predict")
+    n_images = len(datamodule.dataset)
+    valid = np.zeros(n_images, dtype=bool)
+    out: dict[Condition, dict[str, np.ndarray]] = {}
+    for batch in datamodule.predict_dataloader():
+        index = batch["index"].numpy()
+        if not index.size:
+            continue
+        valid[index] = True
+        images = batch["images"]
+        clean = _describe(backbone, heads, images)
+        for plan, varied in plans:
+            rows = torch.from_numpy(varied[index])
+            for strength in plan.strengths:
+                described = {name: d.clone() for name, d in clean.items()}
+                if strength > 0 and rows.any():
+                    batch_seed = seed * 1_000_003 + int(index[0])
+                    varied_images = apply_variation(images[rows], plan.variation, strength, batch_seed)
+                    for name, d in _describe(backbone, heads, varied_images).items():
+                        described[name][rows] = d
+                condition = out.setdefault((plan.variation, plan.apply_to, strength), {})
+                for name, d in described.items():
+                    condition.setdefault(name, np.zeros((n_images, d.shape[1]), dtype=np.float32))[index] = d.numpy()
+    return out, valid
+
+
+def _describe(backbone: nn.Module, heads: Mapping[str, nn.Module], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    features = backbone(images)
+    return {name: head(features).float() for name, head in heads.items()}
+
+
+def variation_study(
+    dataset: RetrievalDataset, backbone: nn.Module, heads: Mapping[str, nn.Module], plans: Sequence[StudyPlan],
+    max_size: int | None = 224, batch_size: int = 32, queries_per_class: int | None = 20, seed: int = 0,
+    ks: Sequence[int] = (1, 5, 10),
+) -> list[dict]:
+    """mAP, class mAP and mP@k / mR@k for every (plan, strength, head): one row each.
+
+    Query-only plans share one protocol (queries held out with `hold_out_queries`); `apply_to="all"` plans use
+    the dataset's own. Every image is loaded and described clean once, whatever the number of plans.
+    """
+    backbone.eval()
+    for head in heads.values():
+        head.eval()
+    protocols = {"all": dataset}
+    if any(plan.apply_to == "queries" for plan in plans):
+        protocols["queries"] = hold_out_queries(dataset, queries_per_class)
+    masks = []
+    for plan in plans:
+        varied = np.zeros(len(dataset), dtype=bool)
+        varied[protocols["queries"].query_ids if plan.apply_to == "queries" else slice(None)] = True
+        masks.append((plan, varied))
+    datamodule = RetrievalDataModule(dataset, max_size, batch_size)
+    descriptors, valid = describe_varied(backbone, heads, datamodule, masks, seed)
+    rows = []
+    for (variation, apply_to, strength), by_head in descriptors.items():
+        for name, values in by_head.items():
+            results = evaluate_retrieval(values, protocols[apply_to], valid, ks, top_k=max(ks))
+            rows.append({"variation": variation, "apply_to": apply_to, "strength": strength, "descriptor": name,
+                         "n_queries": int(results.evaluated.sum()), "n_database": int(results.database_ids.size),
+                         **summarise(results, ks)})
+    return rows
+
+
+def write_study(rows: Sequence[Mapping], output_dir: str | Path, name: str | None = None) -> dict[str, Path]:
+    """Write `<name>.csv` (one row per strength and descriptor) and `<name>.png` (mAP vs strength curves)."""
+    if not rows:
+        raise DataError("no study rows to write")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = name or "study"
+    csv_path = output_dir / f"{name}.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"csv": csv_path, "plot": plot_study_curves(rows, output_dir / f"{name}.png")}
+
+
+def plot_study_curves(rows: Sequence[Mapping], path: str | Path, metric: str = "mAP") -> Path:
+    """One curve of `metric` vs strength per (variation, descriptor); one panel per variation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    variations = list(dict.fromkeys(r["variation"] for r in rows))
+    figure = Figure(figsize=(4.0 * len(variations), 3.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    for panel, variation in enumerate(variations, start=1):
+        axes = figure.add_subplot(1, len(variations), panel)
+        subset = [r for r in rows if r["variation"] == variation]
+        for descriptor in dict.fromkeys(r["descriptor"] for r in subset):
+            points = sorted((r["strength"], np.nan if r[metric] is None else r[metric])
+                            for r in subset if r["descriptor"] == descriptor)
+            axes.plot(*zip(*points, strict=True), marker="o", label=descriptor)
+        axes.set_title(f"{variation} ({subset[0]['apply_to']})")
+        axes.set_xlabel("strength")
+        axes.set_ylabel(metric)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=150)
+    return path

@@ -1,0 +1,142 @@
+"""`hetretrieval-train`: fine-tune backbone x pooling on labelled data, then test against off-the-shelf.
+
+One run: hold out a validation split, optionally test the off-the-shelf model, fit (validating every N epochs,
+keeping the best checkpoint by `val/mAP`), reload the best weights, optionally fit whitening, and test the
+fine-tuned model on each `test.datasets` entry with the evaluator of `hetretrieval-eval`. `resume=latest`
+continues the experiment's most recent run from its last checkpoint, in the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hetretrieval.cli.evaluate import build_loggers, finish_loggers
+from hetretrieval.config import CONFIG_DIR, EvaluationOptions, ExtractionOptions, instantiate, typed
+from hetretrieval.errors import HetRetrievalError
+from hetretrieval.models.module import RetrievalModule
+from hetretrieval.training.datamodule import TrainingDataModule, holdout_split
+from hetretrieval.training.evaluation import evaluate_module
+from hetretrieval.training.optimization import OptimizerOptions
+from hetretrieval.training.resume import RunIdentity, checkpoint_wandb_run_id, resolve_resume
+from hetretrieval.training.whitening import WhiteningOptions, fit_whitening
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig) -> RetrievalModule:
+    """The module to fine-tune, from the backbone, pooling, loss, miner, optimizer and augmentation groups."""
+    extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
+    loss = instantiate(cfg.loss)
+    sampling = instantiate(cfg.miner)
+    architecture = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+                    "head": OmegaConf.to_container(cfg.pooling, resolve=True)}
+    return RetrievalModule(
+        instantiate(cfg.backbone), instantiate(cfg.pooling), extraction.scales,
+        loss=loss, miner=sampling.miner(loss), optimizer=typed(cfg.optimizer, OptimizerOptions, "optimizer"),
+        augmentation=instantiate(cfg.augmentation) if cfg.get("augmentation") else None,
+        validation_ks=typed(cfg.evaluation, EvaluationOptions, "evaluation").ks, seed=cfg.seed, architecture=architecture)
+
+
+def build_datamodule(cfg: DictConfig) -> TrainingDataModule:
+    """Training split (crops, mined examples) and validation split of `cfg.dataset`."""
+    extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
+    validation = cfg.validation
+    train_set, val_set = holdout_split(instantiate(cfg.dataset), validation.fraction, cfg.seed,
+                                       query=validation.query, database=validation.database)
+    return TrainingDataModule(train_set, val_set, instantiate(cfg.miner), cfg.training.image_size,
+                              extraction.max_size, extraction.batch_size, extraction.num_workers, cfg.seed)
+
+
+def test(module: RetrievalModule, cfg: DictConfig, variant: str) -> dict[str, dict]:
+    """Evaluate `module` on every `test.datasets` entry; result files under `<output_dir>/test/<name>/<variant>`."""
+    extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
+    evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
+    summaries = {}
+    for name, node in (cfg.test.get("datasets") or {}).items():
+        summaries[name] = evaluate_module(module, instantiate(node), Path(cfg.paths.output_dir) / "test" / name / variant,
+                                          extraction.max_size, extraction.batch_size, evaluation.ks,
+                                          evaluation.top_k, extraction.num_workers)
+    return summaries
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit and test as the module docstring says; returns `{"val/mAP": best, "test": {variant: {name: mAP}}}`."""
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    whitening = typed(cfg.whitening, WhiteningOptions, "whitening")
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg)
+    resume = resolve_resume(cfg.get("resume"), Path(cfg.paths.log_dir) / cfg.task_name, output_dir)
+    if resume is not None and cfg.get("logger") and cfg.logger.get("wandb"):
+        with open_dict(cfg):
+            cfg.logger.wandb.id = checkpoint_wandb_run_id(resume)
+            cfg.logger.wandb.resume = "allow"
+    loggers = build_loggers(cfg, f"finetune-{module.descriptor_name}-{datamodule.train_dataset.name}")
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()] + [RunIdentity()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    tested: dict[str, dict[str, dict]] = {}
+    try:
+        if cfg.test.off_the_shelf and resume is None:
+            tested["off_the_shelf"] = test(module, cfg, "off_the_shelf")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            log.info("testing the best checkpoint %s", best)
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        tested["fine_tuned"] = test(module, cfg, "fine_tuned")
+        if whitening.kind != "none":
+            module.whitening = fit_whitening(module, datamodule, whitening)
+            trainer.save_checkpoint(output_dir / "checkpoints" / "whitened.ckpt", weights_only=True)
+            tested[f"fine_tuned+{whitening.kind}"] = test(module, cfg, f"fine_tuned+{whitening.kind}")
+        report = {"best_checkpoint": best or None,
+                  "best_val/mAP": _float(trainer.checkpoint_callback.best_model_score)
+                  if trainer.checkpoint_callback else None,
+                  "test": {variant: {name: {k: s.get(k) for k in ("mAP", "class_mAP")} for name, s in results.items()}
+                           for variant, results in tested.items()}}
+        for logger in loggers:
+            logger.log_metrics({f"test/{name}/{variant}/{metric}": value
+                                for variant, results in report["test"].items()
+                                for name, scores in results.items() for metric, value in scores.items()
+                                if value is not None})
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_summary.json").write_text(json.dumps(report, indent=2))
+        _print_report(report)
+    finally:
+        finish_loggers(loggers)
+    return report
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _print_report(report: dict) -> None:
+    print(f"\nbest val/mAP {report['best_val/mAP']}  ({report['best_checkpoint']})")
+    for variant, results in report["test"].items():
+        for name, scores in results.items():
+            print(f"test {name:<24} {variant:<22} mAP {scores['mAP']:.4f}   class mAP {scores['class_mAP']:.4f}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Run one fine-tuning; returns the best validation mAP so that Hydra sweepers can optimise it."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        report = train(cfg)
+    except HetRetrievalError as error:
+        raise SystemExit(f"hetretrieval: {error}") from None
+    return report["best_val/mAP"]
+
+
+if __name__ == "__main__":
+    main()

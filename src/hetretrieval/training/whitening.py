@@ -1,0 +1,52 @@
+"""Whitening fitted on training descriptors after fine-tuning (or on off-the-shelf ones), added as the last layer.
+
+``lw``: learned whitening from matching pairs (Radenović et al.), every same-class pair of the training set;
+``pca``: unsupervised PCA-whitening. Descriptors are those of the un-whitened model on centre crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from hetretrieval.errors import ConfigError
+from hetretrieval.models.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
+from hetretrieval.training.datamodule import TrainingDataModule, extract_descriptors
+from hetretrieval.training.losses import all_pairs
+
+if TYPE_CHECKING:
+    from hetretrieval.models.module import RetrievalModule
+
+_KINDS = ("none", "lw", "pca")
+
+
+@dataclass
+class WhiteningOptions:
+    kind: str = "none"  # none | lw | pca
+    dim: int | None = None  # output dimension; default the descriptor's (needs as many training images)
+    shrinkage: float = 0.0  # pca only: covariance shrinkage towards the identity, in [0, 1]
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ConfigError(f"whitening kind must be one of {_KINDS}, got {self.kind!r}")
+
+
+def fit_whitening(module: RetrievalModule, datamodule: TrainingDataModule, options: WhiteningOptions) -> Whitening:
+    """Fit ``options.kind`` whitening on the training set's descriptors of ``module`` without its whitening."""
+    if options.kind == "none":
+        raise ConfigError("fit_whitening needs whitening kind lw or pca")
+    previous, module.whitening = module.whitening, None
+    try:
+        indices = list(range(len(datamodule.train_dataset)))
+        descriptors = extract_descriptors(module, datamodule.crops(epoch=0), indices, datamodule.batch_size)
+    finally:
+        module.whitening = previous
+    if options.kind == "pca":
+        mean, projection = fit_pca_whitening(descriptors, options.dim, options.shrinkage)
+    else:
+        positive_first, positive_second, _, _ = all_pairs(datamodule.codes)
+        mean, projection = fit_learned_whitening(descriptors, torch.stack([positive_first, positive_second], dim=1),
+                                                 options.dim)
+    return Whitening(mean, projection).to(module.device)

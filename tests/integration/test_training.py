@@ -1,0 +1,90 @@
+"""The fine-tuning path end to end on a tiny built-in benchmark: every loss x miner, whitening, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from hetretrieval.cli.train import train
+from hetretrieval.config import CONFIG_DIR
+from hetretrieval.models.module import load_for_evaluation
+
+TINY = [
+    "dataset.photos=[astronaut,coffee,chelsea,rocket]", "dataset.variants_per_class=5", "dataset.image_size=64",
+    "training.image_size=64", "extraction.max_size=64", "extraction.batch_size=8", "backbone.pretrained=false",
+    "validation.fraction=0.35", "miner.n_queries=6", "miner.pool_size=12", "miner.n_negatives=2",
+    "miner.tuples_per_batch=3",
+]
+CLASS_BALANCED = ["miner.classes_per_batch=3", "miner.images_per_class=2", "miner.batches_per_epoch=2"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _config(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> DictConfig:
+    miner = next((o.split("=")[1] for o in overrides if o.startswith("miner=")), "epoch_tuples")
+    tiny = [o for o in TINY if not o.startswith("miner.") or miner == "epoch_tuples"]
+    tiny += CLASS_BALANCED if miner != "epoch_tuples" else []
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, *tiny, "~logger", "trainer.enable_progress_bar=false",
+                                          "trainer.accelerator=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "triplet"])
+@pytest.mark.parametrize("miner", ["epoch_tuples", "batch_hard", "semihard"])
+def test_fast_dev_run_trains_every_loss_and_miner(tmp_path, cache_dir, loss, miner):
+    cfg = _config(tmp_path, cache_dir, [f"loss={loss}", f"miner={miner}", "trainer.fast_dev_run=true",
+                                        "test.off_the_shelf=false"])
+    report = train(cfg)
+    assert report["test"] == {"fine_tuned": {}}
+
+
+def test_whitened_checkpoint_evaluates_like_the_trained_module(tmp_path, cache_dir):
+    cfg = _config(tmp_path, cache_dir, ["miner=batch_hard", "trainer.fast_dev_run=true", "whitening=pca",
+                                        "whitening.dim=8", "+test.datasets.tiny=${dataset}"])
+    report = train(cfg)
+    assert set(report["test"]) == {"off_the_shelf", "fine_tuned", "fine_tuned+pca"}
+    summary = json.loads((tmp_path / "run/test/tiny/fine_tuned+pca/summary.json").read_text())
+    assert summary["dim"] == 8
+    module = load_for_evaluation(tmp_path / "run/checkpoints/whitened.ckpt")
+    images = torch.rand(2, 3, 64, 64)
+    descriptors = module(images)
+    assert descriptors.shape == (2, 8)
+    torch.testing.assert_close(descriptors.norm(dim=1), torch.ones(2))
+
+
+def _fit(tmp_path, cache_dir, name: str, epochs: int, resume: str | None = None) -> tuple[dict, dict]:
+    overrides = ["miner=batch_hard", "loss=triplet", "augmentation=variations", f"trainer.max_epochs={epochs}",
+                 "test.off_the_shelf=false", "optimizer.lr=1e-4", "task_name=resume_test"]
+    cfg = _config(tmp_path / name, cache_dir, overrides + ([f"resume={resume}"] if resume else []))
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(tmp_path / "logs")  # one experiment folder for all runs
+        cfg.paths.output_dir = str(tmp_path / "logs" / "resume_test" / "runs" / name)
+    report = train(cfg)
+    last = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
+    return report, last
+
+
+def test_resuming_a_killed_run_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
+    uninterrupted, expected = _fit(tmp_path, cache_dir, "uninterrupted", epochs=2)
+    _fit(tmp_path, cache_dir, "killed", epochs=1)  # stops after epoch 1, as if killed there
+    resumed, actual = _fit(tmp_path, cache_dir, "resumed", epochs=2, resume="latest")
+    assert actual["epoch"] == expected["epoch"] == 1
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(actual["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    monitor = next(v for k, v in actual["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    expected_monitor = next(v for k, v in expected["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert monitor["current_score"] == expected_monitor["current_score"]  # epoch-2 val/mAP
+    assert resumed["best_val/mAP"] == uninterrupted["best_val/mAP"]

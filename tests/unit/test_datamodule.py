@@ -1,0 +1,36 @@
+"""Size buckets, DDP sharding and the de-duplicating gather."""
+
+import numpy as np
+import torch
+
+from hetretrieval.callbacks.evaluation import merge_gathered
+from hetretrieval.data.datamodule import SizeBucketBatchSampler, collate_same_size
+
+SHAPES = [(4, 6), (6, 4), (4, 6), None, (4, 6), (6, 4), (5, 5)]
+
+
+def test_buckets_hold_one_shape_and_cover_every_readable_image_once():
+    batches = list(SizeBucketBatchSampler(SHAPES, batch_size=2))
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 4, 5, 6]
+    assert all(len({SHAPES[i] for i in b}) == 1 for b in batches)
+
+
+def test_ranks_get_disjoint_complete_shards():
+    shards = [list(SizeBucketBatchSampler(SHAPES, 1, num_replicas=3, rank=r)) for r in range(3)]
+    indices = [i for shard in shards for b in shard for i in b]
+    assert sorted(indices) == [0, 1, 2, 4, 5, 6]
+
+
+def test_merge_restores_order_and_drops_duplicates():
+    parts = [(np.array([4, 0]), np.array([[4.0], [0.0]])), (np.array([2, 0]), np.array([[2.0], [9.0]]))]
+    descriptors, valid = merge_gathered(parts, 5)
+    np.testing.assert_array_equal(descriptors[:, 0], [0, 0, 2, 0, 4])
+    np.testing.assert_array_equal(valid, [True, False, True, False, True])
+
+
+def test_collate_separates_failures():
+    items = [{"index": 0, "image": torch.zeros(3, 2, 2), "error": None},
+             {"index": 1, "image": None, "error": "bad"}]
+    batch = collate_same_size(items)
+    assert batch["index"].tolist() == [0] and batch["images"].shape == (1, 3, 2, 2)
+    assert batch["failed"] == [(1, "bad")]
