@@ -45,14 +45,14 @@ def _config(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> DictConfig
 @pytest.mark.parametrize("loss", ["contrastive", "triplet"])
 @pytest.mark.parametrize("miner", ["epoch_tuples", "batch_hard", "semihard"])
 def test_fast_dev_run_trains_every_loss_and_miner(tmp_path, cache_dir, loss, miner):
-    cfg = _config(tmp_path, cache_dir, [f"loss={loss}", f"miner={miner}", "trainer.fast_dev_run=true",
+    cfg = _config(tmp_path, cache_dir, [f"loss={loss}", f"miner={miner}", "+trainer.fast_dev_run=true",
                                         "test.off_the_shelf=false"])
     report = train(cfg)
     assert report["test"] == {"fine_tuned": {}}
 
 
 def test_whitened_checkpoint_evaluates_like_the_trained_module(tmp_path, cache_dir):
-    cfg = _config(tmp_path, cache_dir, ["miner=batch_hard", "trainer.fast_dev_run=true", "whitening=pca",
+    cfg = _config(tmp_path, cache_dir, ["miner=batch_hard", "+trainer.fast_dev_run=true", "whitening=pca",
                                         "whitening.dim=8", "+test.datasets.tiny=${dataset}"])
     report = train(cfg)
     assert set(report["test"]) == {"off_the_shelf", "fine_tuned", "fine_tuned+pca"}

@@ -17,7 +17,7 @@ from hetretrieval.models.pooling.netvlad import (
 
 
 def netvlad_loop(x, centroids, weight, bias):
-    """Brute force: for each image, cluster and pixel, the soft-assigned residual; then both normalisations."""
+    """Brute force: per image, pixel and cluster, the soft-assigned residual; then both normalisations."""
     batch, channels, height, width = x.shape
     out = []
     for b in range(batch):

@@ -34,8 +34,7 @@ def test_loss_and_miner_groups_build(loss, loss_type, miner, sampling_type, stra
                                                         and in_batch.margin == built_loss.margin)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-@pytest.mark.parametrize("whitening", ["none", "lw", "pca"])
+@pytest.mark.parametrize("optimizer, whitening", [("adam", "none"), ("adamw", "lw"), ("adam", "pca")])
 def test_optimizer_and_whitening_groups_are_typed(optimizer, whitening):
     cfg = _compose(f"optimizer={optimizer}", f"whitening={whitening}")
     assert typed(cfg.optimizer, OptimizerOptions, "optimizer").name == optimizer
@@ -49,7 +48,8 @@ def test_default_config_trains_with_checkpointing_on_validation_map():
     assert not cfg.augmentation
 
 
-@pytest.mark.parametrize("experiment", ["finetune_pacs", "finetune_pacs_variations", "finetune_pacs_sweep"])
+@pytest.mark.parametrize("experiment", ["finetune_pacs", "finetune_pacs_variations", "finetune_pacs_sweep",
+                                        "finetune_pacs_tuples"])
 def test_experiments_compose(experiment):
     cfg = _compose(f"experiment={experiment}")
     assert list(cfg.dataset.domains) == ["photo", "art_painting"]

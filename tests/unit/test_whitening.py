@@ -123,9 +123,30 @@ def test_too_few_pairs_raise_config_error(matching_pairs):
         fit_learned_whitening(descriptors, pairs[:5])
 
 
-def test_bad_shrinkage_raises_config_error(correlated):
+def test_bad_shrinkage_raises_config_error(correlated, matching_pairs):
     with pytest.raises(ConfigError, match="shrinkage"):
         fit_pca_whitening(correlated, shrinkage=1.5)
+    with pytest.raises(ConfigError, match="shrinkage"):
+        fit_learned_whitening(*matching_pairs, shrinkage=-0.1)
+
+
+def test_learned_whitening_shrinkage_fits_from_too_few_pairs(matching_pairs):
+    descriptors, pairs = matching_pairs
+    few = pairs[:5]  # differences span 5 of 6 dimensions
+    mean, projection = fit_learned_whitening(descriptors, few, dim=4, shrinkage=0.5)
+    assert projection.shape == (4, 6) and torch.isfinite(projection).all()
+    differences = descriptors[few[:, 0]] - descriptors[few[:, 1]]
+    shrunk = 0.5 * differences.T @ differences / 5 + 0.5 * (differences.pow(2).sum() / 5 / 6) * torch.eye(6, dtype=torch.float64)
+    full = fit_learned_whitening(descriptors, few, shrinkage=0.5)[1]
+    # The full projection whitens the shrunk difference covariance exactly.
+    torch.testing.assert_close(full @ shrunk @ full.T, torch.eye(6, dtype=torch.float64))
+
+
+def test_learned_whitening_full_shrinkage_only_rotates_and_scales(matching_pairs):
+    descriptors, pairs = matching_pairs
+    _, projection = fit_learned_whitening(descriptors, pairs, shrinkage=1.0)
+    gram = projection @ projection.T
+    torch.testing.assert_close(gram, gram[0, 0] * torch.eye(6, dtype=torch.float64))
 
 
 def test_whitening_module_is_l2_normalised_and_saved_with_the_checkpoint(correlated):

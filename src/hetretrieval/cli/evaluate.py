@@ -12,10 +12,13 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from hetretrieval.callbacks.evaluation import RetrievalEvaluation
+from hetretrieval.callbacks.local_evaluation import LocalRetrievalEvaluation
 from hetretrieval.config import CONFIG_DIR, EvaluationOptions, ExtractionOptions, instantiate, typed
 from hetretrieval.data.datamodule import RetrievalDataModule
-from hetretrieval.errors import HetRetrievalError
-from hetretrieval.models.module import RetrievalModule
+from hetretrieval.errors import ConfigError, HetRetrievalError
+from hetretrieval.index.local import LocalSearchOptions
+from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS, LocalFeatureModule
+from hetretrieval.models.module import RetrievalModule, load_for_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +39,47 @@ def finish_loggers(loggers: list) -> None:
             logger.experiment.finish()
 
 
+def build_head(node: DictConfig, backbone):
+    """The pooling head; a config that leaves `backbone: ???` (NetVLAD, DELF) gets the evaluated backbone."""
+    if "backbone" not in node.keys() or not OmegaConf.is_missing(node, "backbone"):
+        return instantiate(node)
+    options = OmegaConf.to_container(node, resolve=True)
+    del options["backbone"]
+    return instantiate(OmegaConf.create(options), backbone=backbone)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Build everything from the config (failing fast on bad values), extract, evaluate; returns the summary."""
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
     pl.seed_everything(cfg.seed, workers=True)
     dataset = instantiate(cfg.dataset)
-    module = RetrievalModule(instantiate(cfg.backbone), instantiate(cfg.pooling), extraction.scales)
+    if cfg.get("checkpoint"):  # a fine-tuned model from hetretrieval-train (backbone/pooling groups unused)
+        module = load_for_evaluation(cfg.checkpoint, extraction.scales)
+    else:
+        backbone = instantiate(cfg.backbone)
+        head = build_head(cfg.pooling, backbone)
+        module = head if isinstance(head, LOCAL_EXTRACTORS) else RetrievalModule(backbone, head, extraction.scales)
     datamodule = RetrievalDataModule(dataset, extraction.max_size, extraction.batch_size, extraction.num_workers)
     output_dir = Path(cfg.paths.output_dir)
-    callback = RetrievalEvaluation(output_dir, evaluation.ks, evaluation.top_k, evaluation.max_batch_entries)
+    if hasattr(getattr(module, "head", None), "prepare"):  # data-initialised heads (NetVLAD), before extraction
+        datamodule.setup()
+        module.eval().head.prepare(module.backbone, datamodule)
+    rerank = cfg.get("rerank")
+    if isinstance(module, LOCAL_EXTRACTORS) or rerank:
+        search = typed(OmegaConf.create(OmegaConf.to_container(cfg.local_search, resolve=True)),
+                       LocalSearchOptions, "local_search")
+        if rerank and isinstance(module, LOCAL_EXTRACTORS):
+            raise ConfigError(f"rerank re-ranks a global descriptor's ranking, not pooling={module.name}")
+        if rerank:
+            module = LocalFeatureModule(build_head(rerank.local, module.backbone), global_module=module)
+        else:
+            module = LocalFeatureModule(module)
+        callback = LocalRetrievalEvaluation(output_dir, instantiate(cfg.verification), search,
+                                            rerank.top_k if rerank else None, evaluation.ks, evaluation.top_k,
+                                            evaluation.max_batch_entries)
+    else:
+        callback = RetrievalEvaluation(output_dir, evaluation.ks, evaluation.top_k, evaluation.max_batch_entries)
     loggers = build_loggers(cfg, f"{module.descriptor_name}-{dataset.name}")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback], logger=loggers or False)
     for logger in loggers:

@@ -1,6 +1,6 @@
 """`hetretrieval-train`: fine-tune backbone x pooling on labelled data, then test against off-the-shelf.
 
-One run: hold out a validation split, optionally test the off-the-shelf model, fit (validating every N epochs,
+One run: hold out a validation split, optionally test and validate the off-the-shelf model, fit (validating every N epochs,
 keeping the best checkpoint by `val/mAP`), reload the best weights, optionally fit whitening, and test the
 fine-tuned model on each `test.datasets` entry with the evaluator of `hetretrieval-eval`. `resume=latest`
 continues the experiment's most recent run from its last checkpoint, in the same W&B run.
@@ -68,7 +68,8 @@ def test(module: RetrievalModule, cfg: DictConfig, variant: str) -> dict[str, di
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit and test as the module docstring says; returns `{"val/mAP": best, "test": {variant: {name: mAP}}}`."""
+    """Fit and test as the module docstring says; returns the report written to `train_summary.json`:
+    best checkpoint, off-the-shelf and best validation mAP, `test: {variant: {dataset: {mAP, class_mAP}}}`."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     whitening = typed(cfg.whitening, WhiteningOptions, "whitening")
@@ -86,8 +87,10 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     tested: dict[str, dict[str, dict]] = {}
     try:
+        off_the_shelf_val = None
         if cfg.test.off_the_shelf and resume is None:
             tested["off_the_shelf"] = test(module, cfg, "off_the_shelf")
+            off_the_shelf_val = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get("val/mAP")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
@@ -98,7 +101,7 @@ def train(cfg: DictConfig) -> dict:
             module.whitening = fit_whitening(module, datamodule, whitening)
             trainer.save_checkpoint(output_dir / "checkpoints" / "whitened.ckpt", weights_only=True)
             tested[f"fine_tuned+{whitening.kind}"] = test(module, cfg, f"fine_tuned+{whitening.kind}")
-        report = {"best_checkpoint": best or None,
+        report = {"best_checkpoint": best or None, "off_the_shelf_val/mAP": off_the_shelf_val,
                   "best_val/mAP": _float(trainer.checkpoint_callback.best_model_score)
                   if trainer.checkpoint_callback else None,
                   "test": {variant: {name: {k: s.get(k) for k in ("mAP", "class_mAP")} for name, s in results.items()}
@@ -121,7 +124,8 @@ def _float(value) -> float | None:
 
 
 def _print_report(report: dict) -> None:
-    print(f"\nbest val/mAP {report['best_val/mAP']}  ({report['best_checkpoint']})")
+    print(f"\nval/mAP off-the-shelf {report['off_the_shelf_val/mAP']}, best fine-tuned {report['best_val/mAP']} "
+          f"({report['best_checkpoint']})")
     for variant, results in report["test"].items():
         for name, scores in results.items():
             print(f"test {name:<24} {variant:<22} mAP {scores['mAP']:.4f}   class mAP {scores['class_mAP']:.4f}")

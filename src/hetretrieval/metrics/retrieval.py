@@ -1,14 +1,18 @@
-"""Evaluate descriptors on a dataset's protocol: search every query, score its full ranking, summarise."""
+"""Evaluate a dataset's protocol: score every query's full ranking, summarise.
+
+One evaluator (`evaluate_rankings`) for every ranking producer: the global faiss search (`evaluate_retrieval`),
+local-feature search with spatial verification and re-ranking (`hetretrieval.index.local`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hetretrieval.data.datasets import RetrievalDataset
-from hetretrieval.index.search import iter_rankings
+from hetretrieval.index.search import RankingBatch, iter_rankings
 from hetretrieval.metrics.ap import average_precision, mean_by_group, precision_at_k, recall_at_k
 
 
@@ -62,23 +66,41 @@ def label_codes(labels: Sequence[str | None]) -> np.ndarray:
     return np.array([names[label] if label is not None else -1 for label in labels], dtype=np.int64)
 
 
-def evaluate_retrieval(
-    descriptors: np.ndarray, dataset: RetrievalDataset, valid: np.ndarray | None = None,
-    ks: Sequence[int] = (1, 5, 10), top_k: int = 100, max_batch_entries: int = 1 << 24,
-) -> RetrievalResults:
-    """Rank the database for every query and compute AP, P@k, R@k and per-class mAP.
+@dataclass(frozen=True)
+class Protocol:
+    """Who is searched and where: described query and database record indices, and each query's own position.
 
-    `descriptors (N, D)` are L2-normalised, one row per record; `valid (N,)` marks records that were described
-    (skipped images are dropped from both queries and database). A query is removed from its own ranking.
+    `exclude (Q,)` is the database position of each query (removed from its ranking), or -1.
     """
+
+    query_ids: np.ndarray
+    database_ids: np.ndarray
+    exclude: np.ndarray
+
+
+def search_protocol(dataset: RetrievalDataset, valid: np.ndarray | None = None) -> Protocol:
+    """The dataset's queries and database restricted to `valid (N,)` described records (all if None)."""
     valid = np.ones(len(dataset), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     query_ids = dataset.query_ids[valid[dataset.query_ids]]
     database_ids = dataset.database_ids[valid[dataset.database_ids]]
-    codes = label_codes(dataset.labels)
-    database_codes = codes[database_ids]
     position_in_database = np.full(len(dataset), -1, dtype=np.int64)
     position_in_database[database_ids] = np.arange(database_ids.size)
+    return Protocol(query_ids, database_ids, position_in_database[query_ids])
 
+
+def evaluate_rankings(
+    rankings: Iterable[RankingBatch], dataset: RetrievalDataset, protocol: Protocol,
+    ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
+) -> RetrievalResults:
+    """AP, P@k, R@k and per-class mAP from full rankings produced by any search (global or local).
+
+    Each `RankingBatch` holds the full database ranking `(b, N)` of queries `start .. start + b` of
+    `protocol.query_ids` (positions into `protocol.database_ids`, scores descending, -inf for a dropped
+    entry); batches may come in any order but must cover every query once.
+    """
+    query_ids, database_ids = protocol.query_ids, protocol.database_ids
+    codes = label_codes(dataset.labels)
+    database_codes = codes[database_ids]
     n_queries, top_k = query_ids.size, min(top_k, database_ids.size)
     ap = np.full(n_queries, np.nan)
     n_positives = np.zeros(n_queries, dtype=np.int64)
@@ -86,8 +108,7 @@ def evaluate_retrieval(
     recall = {k: np.zeros(n_queries) for k in ks}
     neighbours = np.zeros((n_queries, top_k), dtype=np.int64)
     neighbour_scores = np.zeros((n_queries, top_k), dtype=np.float32)
-    for batch in iter_rankings(descriptors[query_ids], descriptors[database_ids],
-                               exclude=position_in_database[query_ids], max_batch_entries=max_batch_entries):
+    for batch in rankings:
         rows = slice(batch.start, batch.start + batch.positions.shape[0])
         query_codes = codes[query_ids[rows]]
         relevance = (database_codes[batch.positions] == query_codes[:, None]) & np.isfinite(batch.scores)
@@ -102,3 +123,18 @@ def evaluate_retrieval(
     query_labels = [dataset.records[i].label for i in query_ids]
     return RetrievalResults(query_ids, database_ids, ap, n_positives, precision, recall, neighbours,
                             neighbour_scores, mean_by_group(ap, query_labels))
+
+
+def evaluate_retrieval(
+    descriptors: np.ndarray, dataset: RetrievalDataset, valid: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 5, 10), top_k: int = 100, max_batch_entries: int = 1 << 24,
+) -> RetrievalResults:
+    """Rank the database for every query by global descriptors and compute AP, P@k, R@k and per-class mAP.
+
+    `descriptors (N, D)` are L2-normalised, one row per record; `valid (N,)` marks records that were described
+    (skipped images are dropped from both queries and database). A query is removed from its own ranking.
+    """
+    protocol = search_protocol(dataset, valid)
+    rankings = iter_rankings(descriptors[protocol.query_ids], descriptors[protocol.database_ids],
+                             exclude=protocol.exclude, max_batch_entries=max_batch_entries)
+    return evaluate_rankings(rankings, dataset, protocol, ks, top_k)

@@ -33,8 +33,7 @@ def fit_pca_whitening(
     damp the amplification of low-variance (noisy) directions. ``dim`` may not exceed the rank of the centred
     data.
     """
-    if not 0.0 <= shrinkage <= 1.0:
-        raise ConfigError(f"whitening shrinkage must lie in [0, 1], got {shrinkage}")
+    _check_shrinkage(shrinkage)
     x = descriptors.double()
     mean = x.mean(dim=0)
     centred = x - mean
@@ -48,7 +47,7 @@ def fit_pca_whitening(
 
 
 def fit_learned_whitening(
-    descriptors: Tensor, pairs: Tensor, dim: int | None = None
+    descriptors: Tensor, pairs: Tensor, dim: int | None = None, shrinkage: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Learned whitening Lw from matching pairs -> ``mean (D,)``, ``projection (dim, D)``.
 
@@ -56,18 +55,24 @@ def fit_learned_whitening(
     descriptors (both sides; cirtorch takes the query side). The whitening ``S^{-1/2}`` (inverse Cholesky
     factor) makes the covariance ``S`` of the pair differences the identity; its rows are then rotated to the
     principal axes of the whitened, centred descriptors and the first ``dim`` kept, so projected pair
-    differences have identity covariance at any ``dim``. Needs pair differences spanning all D dimensions.
+    differences have identity covariance at any ``dim``. Needs pair differences spanning all D dimensions,
+    unless ``shrinkage`` in (0, 1] shrinks their covariance towards ``tr(S) / D * I`` as for PCA (the way out
+    when a collection has fewer matching pairs than descriptor dimensions).
     """
+    _check_shrinkage(shrinkage)
     x = descriptors.double()
     first, second = x[pairs[:, 0]], x[pairs[:, 1]]
     mean = torch.cat([first, second]).mean(dim=0)
     differences = first - second
     difference_covariance = differences.T @ differences / len(differences)
     difference_rank = _rank(torch.linalg.eigvalsh(difference_covariance))
-    if difference_rank < x.shape[1]:
+    if shrinkage > 0:
+        identity_part = difference_covariance.trace() / x.shape[1] * torch.eye(x.shape[1], dtype=x.dtype)
+        difference_covariance = (1 - shrinkage) * difference_covariance + shrinkage * identity_part
+    elif difference_rank < x.shape[1]:
         raise ConfigError(
             f"learned whitening needs pair differences spanning all {x.shape[1]} descriptor dimensions; "
-            f"{len(pairs)} pairs span {difference_rank}: use more pairs or whiten with PCA"
+            f"{len(pairs)} pairs span {difference_rank}: use more pairs, shrinkage > 0 or PCA-whitening"
         )
     cholesky = torch.linalg.cholesky(difference_covariance)
     identity = torch.eye(x.shape[1], dtype=x.dtype)
@@ -128,6 +133,11 @@ def _sorted_eigh(symmetric: Tensor) -> tuple[Tensor, Tensor]:
 def _rank(eigenvalues: Tensor) -> int:
     """Numerical rank of a positive semi-definite matrix from its eigenvalues."""
     return int((eigenvalues > _RANK_TOLERANCE * eigenvalues.max().clamp_min(0)).sum())
+
+
+def _check_shrinkage(shrinkage: float) -> None:
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ConfigError(f"whitening shrinkage must lie in [0, 1], got {shrinkage}")
 
 
 def _check_dim(dim: int | None, n_features: int, rank: int, what: str) -> int:

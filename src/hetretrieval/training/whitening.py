@@ -26,7 +26,7 @@ _KINDS = ("none", "lw", "pca")
 class WhiteningOptions:
     kind: str = "none"  # none | lw | pca
     dim: int | None = None  # output dimension; default the descriptor's (needs as many training images)
-    shrinkage: float = 0.0  # pca only: covariance shrinkage towards the identity, in [0, 1]
+    shrinkage: float = 0.0  # covariance shrinkage towards the identity, in [0, 1] (lw: of pair differences)
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -48,5 +48,5 @@ def fit_whitening(module: RetrievalModule, datamodule: TrainingDataModule, optio
     else:
         positive_first, positive_second, _, _ = all_pairs(datamodule.codes)
         mean, projection = fit_learned_whitening(descriptors, torch.stack([positive_first, positive_second], dim=1),
-                                                 options.dim)
+                                                 options.dim, options.shrinkage)
     return Whitening(mean, projection).to(module.device)

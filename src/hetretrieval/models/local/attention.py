@@ -1,4 +1,4 @@
-"""DELF keypoint scoring (Noh et al., ICCV 2017): a learned attention, or the feature norm as the untrained fallback.
+"""DELF keypoint scoring (Noh et al., ICCV 2017): a learned attention, or the feature norm without one.
 
 A scorer maps `(B, C, H, W)` features to `(B, H, W)` non-negative scores and has a `name` saying which
 scorer produced the keypoints. `AttentionClassifier` is the head of DELF's attention-training stage.
@@ -35,7 +35,7 @@ class FeatureNormScorer(nn.Module):
 
 
 class AttentionScorer(nn.Module):
-    """DELF attention, `(B, C, H, W) -> (B, H, W)`: 1x1 conv to `hidden_channels`, ReLU, 1x1 conv to 1, softplus."""
+    """DELF attention, `(B, C, H, W) -> (B, H, W)`: 1x1 conv, ReLU, 1x1 conv to one channel, softplus."""
 
     name = "attention"
 

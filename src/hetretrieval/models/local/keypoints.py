@@ -1,4 +1,4 @@
-"""DELF-style keypoints: receptive fields, feature locations, score-based selection over an image pyramid, PCA.
+"""DELF-style keypoints: receptive fields, feature locations, selection over an image pyramid, PCA.
 
 Every position of a conv feature map is a local descriptor whose location is the centre of its receptive field
 in the input image (Noh et al., ICCV 2017). Coordinates follow OpenCV (and `LocalFeatures`): `(x, y)` in
@@ -49,7 +49,8 @@ def receptive_field(module: nn.Module, in_channels: int = 3, probe_size: int = 5
     unit 0 the offset. Each axis is measured on a thin probe (`probe_size` along it, a few pixels across),
     since a conv's support along one axis does not depend on the other axis's size. The weights stay as they
     are, on a CPU copy in eval mode (so batch-norm does not mix the batch); NNPACK, whose Winograd/FFT
-    convolutions could spread a NaN beyond its true support, is disabled (oneDNN's direct convolutions do not).
+    convolutions could spread a NaN beyond its true support, is disabled
+    (oneDNN's direct convolutions do not).
 
     Limits: modules with global context (squeeze-excitation, self-attention, global pooling) depend on every
     pixel; then the field reaches the probe's border and this raises `ConfigError`. For TF-"same" padding
@@ -63,9 +64,14 @@ def receptive_field(module: nn.Module, in_channels: int = 3, probe_size: int = 5
         probe_size: probe length along the measured axis; must exceed the receptive field size.
     """
     probe_module = copy.deepcopy(module).cpu().float().eval()
-    with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
-        x_size, x_stride, x_offset = _receptive_field_along(probe_module, in_channels, probe_size, axis=-1)
-        y_size, y_stride, y_offset = _receptive_field_along(probe_module, in_channels, probe_size, axis=-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny probes: thread synchronisation would dominate (40x on a busy host)
+    try:
+        with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
+            x_size, x_stride, x_offset = _receptive_field_along(probe_module, in_channels, probe_size, -1)
+            y_size, y_stride, y_offset = _receptive_field_along(probe_module, in_channels, probe_size, -2)
+    finally:
+        torch.set_num_threads(threads)
     return ReceptiveField(size=(x_size, y_size), stride=(x_stride, y_stride), offset=(x_offset, y_offset))
 
 
@@ -100,7 +106,7 @@ def _receptive_field_along(
         )
     positions = torch.arange(probe_size).view([-1] + [1] * (-axis - 1))
     # Four searches in lockstep, one batched forward per step: (unit, whether the rows below t are NaN).
-    # first row of u: t - 1 for the smallest t whose rows < t reach u; last row: the largest t whose rows >= t do.
+    # first row of u: t - 1 for the smallest t whose rows < t reach u; last row: largest t whose rows >= t do.
     searches = [
         (n_units // 2 - 1, True),
         (n_units // 2, True),

@@ -69,6 +69,7 @@ def extract_orb(
 class OrbExtractor:
     """Configured ORB (what a Hydra `_target_` instantiates); calling it runs `extract_orb`."""
 
+    name = "orb"  # descriptor name in run outputs (a class attribute, not a field)
     n_features: int = 1000
     scale_factor: float = 1.2
     n_levels: int = 8

@@ -1,21 +1,27 @@
-"""NetVLAD (Arandjelović et al., CVPR 2016): soft-assignment VLAD aggregation of a conv map's local descriptors.
+"""NetVLAD (Arandjelović et al., CVPR 2016): soft-assignment VLAD of a conv map's local descriptors.
 
 Off-the-shelf use needs no training: `NetVLAD.init_from_features` sets the centroids by k-means on sampled
 local descriptors and the assignment so that it approximates hard VLAD assignment, as in the paper.
+`NetVLAD.prepare` does it from a dataset's images before extraction (and optionally fits a PCA-whitening of
+the VLAD vectors on the database), which is how `hetretrieval-eval pooling=netvlad` builds it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetretrieval.data.sampling import image_subset, iter_images
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.models.local.keypoints import fit_pca
+from hetretrieval.models.whitening import Whitening, fit_pca_whitening
 
 ASSIGNMENT_RATIO = (
     100.0  # mean ratio of the two largest soft-assignment weights at init (Arandjelović et al.)
@@ -27,9 +33,9 @@ def netvlad(
 ) -> torch.Tensor:
     """NetVLAD aggregation, `(B, C, H, W)` local descriptors -> `(B, K * C)` L2-normalised.
 
-    Soft assignment `a_k(x_i) = softmax_k(w_k . x_i + b_k)` (a 1x1 conv, `(K, C)` weight, `(K,)` bias), residual
-    sums `V_k = sum_i a_k(x_i) (x_i - c_k)` over the `H * W` positions with `(K, C)` centroids, then each
-    `V_k` L2-normalised (intra-normalisation) and the flattened `(K * C)` vector L2-normalised.
+    Soft assignment `a_k(x_i) = softmax_k(w_k . x_i + b_k)` (a 1x1 conv, `(K, C)` weight, `(K,)` bias),
+    residual sums `V_k = sum_i a_k(x_i) (x_i - c_k)` over the `H * W` positions with `(K, C)` centroids,
+    then each `V_k` L2-normalised (intra-normalisation) and the flattened `(K * C)` vector L2-normalised.
     """
     descriptors = x.flatten(2)  # (B, C, N)
     logits = torch.einsum("kc,bcn->bkn", assignment_weight, descriptors) + assignment_bias[:, None]
@@ -41,7 +47,7 @@ def netvlad(
 def assignment_from_centroids(
     descriptors: torch.Tensor, centroids: torch.Tensor, ratio: float = ASSIGNMENT_RATIO
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft-assignment parameters approximating nearest-centroid assignment, `(N, C)`, `(K, C)` -> `(K, C)`, `(K,)`.
+    """Soft assignment approximating nearest-centroid assignment: `(N, C)`, `(K, C)` -> `(K, C)`, `(K,)`.
 
     `softmax_k(-alpha ||x - c_k||^2)` equals `softmax_k(w_k . x + b_k)` with `w_k = 2 alpha c_k` and
     `b_k = -alpha ||c_k||^2`; `alpha` makes the largest weight `ratio` times the second largest on average
@@ -89,6 +95,38 @@ def sample_local_features(feature_maps: Iterable[torch.Tensor], n_per_image: int
     return torch.cat(samples)
 
 
+def fit_pca_whitening_in_span(descriptors: torch.Tensor, dim: int | None = None,
+                              shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_pca_whitening` for `N` descriptors of a large dimension `D` (e.g. VLAD, `D > N`): `(N, D)` ->
+    `mean (D,)`, `projection (d, D)`, `d = min(dim, rank)`.
+
+    The centred data spans at most `N - 1` directions: PCA-whitening is fitted on the coordinates in an
+    orthonormal basis of that span (from a thin SVD) and composed with it, never forming the `D x D` covariance.
+    """
+    x = descriptors.double()
+    mean = x.mean(0)
+    _, singular_values, basis = torch.linalg.svd(x - mean, full_matrices=False)
+    rank = int((singular_values > singular_values[0] * 1e-5).sum()) if len(singular_values) else 0
+    if rank == 0:
+        raise ConfigError(f"PCA-whitening needs descriptors that vary, got {len(x)} identical ones")
+    basis = basis[:rank]
+    _, projection = fit_pca_whitening((x - mean) @ basis.T, min(dim or rank, rank), shrinkage)
+    return mean.to(descriptors.dtype), (projection @ basis).to(descriptors.dtype)
+
+
+@dataclass(frozen=True)
+class NetVLADPreparation:
+    """Which images initialise NetVLAD before extraction, and the optional whitening learned on the database."""
+
+    image_set: str = "database"  # images sampled for k-means: database, queries or all
+    max_images: int | None = 1000  # at most this many of them (seeded draw)
+    samples_per_image: int = 100  # local descriptors drawn per image
+    seed: int = 0
+    whitening_dim: int | None = 4096  # PCA-whitening of the VLAD vectors to this dimension (capped by the
+    # database's rank); None: no whitening
+    whitening_shrinkage: float = 0.0
+
+
 class NetVLAD(nn.Module):
     """NetVLAD head, `(B, in_channels, H, W) -> (B, out_dim)` L2-normalised, `out_dim = n_clusters * dim`.
 
@@ -119,6 +157,26 @@ class NetVLAD(nn.Module):
         self.reduction = None if dim is None else nn.Conv2d(in_channels, dim, kernel_size=1)
         self.centroids = nn.Parameter(F.normalize(torch.randn(n_clusters, channels), dim=1))
         self.assignment = nn.Conv2d(channels, n_clusters, kernel_size=1)
+        self.preparation = NetVLADPreparation()
+        self.cache_dir: Path | None = None
+        self.whitening: Whitening | None = None
+
+    @classmethod
+    def for_backbone(cls, backbone: nn.Module, n_clusters: int = 64, dim: int | None = 512,
+                     cache_dir: str | Path | None = None, **preparation) -> NetVLAD:
+        """NetVLAD over `backbone.out_channels` channels, reduced to `dim` only if the backbone has more.
+
+        `preparation` holds the `NetVLADPreparation` fields used by `prepare`; `prepare` caches its k-means
+        initialisation in `cache_dir` under a name that identifies the backbone and the sampled images.
+        """
+        head = cls(backbone.out_channels, n_clusters, dim if dim is not None and dim < backbone.out_channels else None)
+        head.preparation = NetVLADPreparation(**preparation)
+        head.cache_dir = None if cache_dir is None else Path(cache_dir)
+        return head
+
+    @property
+    def name(self) -> str:
+        return "netvlad" if self.whitening is None else f"netvlad+pcaw{self.whitening.out_features}"
 
     @property
     def out_dim(self) -> int:
@@ -126,15 +184,43 @@ class NetVLAD(nn.Module):
         return self.n_clusters * self.centroids.shape[1]
 
     def local_descriptors(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, in_channels, H, W)` -> `(B, dim, H, W)`: optional reduction, then channel-wise L2 normalisation."""
+        """`(B, in_channels, H, W) -> (B, dim, H, W)`: optional reduction, then channel-wise L2 norm."""
         if self.reduction is not None:
             x = self.reduction(x)
         return F.normalize(x, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return netvlad(
+        vlad = netvlad(
             self.local_descriptors(x), self.centroids, self.assignment.weight.flatten(1), self.assignment.bias
         )
+        return vlad if self.whitening is None else self.whitening(vlad)
+
+    @torch.no_grad()
+    def prepare(self, backbone: nn.Module, datamodule) -> None:
+        """Fit on the datamodule's dataset before extraction, as `preparation` says: the k-means
+        initialisation from local features of `backbone` (or the cache), then the database whitening."""
+        options, dataset = self.preparation, datamodule.dataset
+        device = self.centroids.device
+
+        def feature_maps(ids):
+            for image in iter_images(dataset, ids, datamodule.max_size):
+                yield backbone(image.to(device))[0]
+
+        sampled = image_subset(dataset, options.image_set, options.max_images, options.seed)
+        if self.cache_dir is not None:
+            key = repr((getattr(backbone, "model_name", type(backbone).__name__), datamodule.max_size,
+                        options.samples_per_image, [str(dataset.records[i].path) for i in sampled]))
+            digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+            self.cache_path = self.cache_dir / f"netvlad-k{self.n_clusters}-d{self.dim}-{digest}.pt"
+        self.init_from_features(
+            lambda: sample_local_features(feature_maps(sampled), options.samples_per_image, options.seed),
+            options.seed)
+        self.whitening = None
+        if options.whitening_dim is not None:
+            database = image_subset(dataset, "database")
+            vlad = torch.cat([self(feature_map[None]) for feature_map in feature_maps(database)])
+            self.whitening = Whitening(*fit_pca_whitening_in_span(vlad, options.whitening_dim,
+                                                                 options.whitening_shrinkage))
 
     @torch.no_grad()
     def init_from_features(
