@@ -40,6 +40,7 @@ class EvaluationOptions:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # P@k / R@k cut-offs
     top_k: int = 100  # neighbours saved per query (neighbours.npy)
     max_batch_entries: int = 1 << 24  # similarities held at once while ranking (bounds memory)
+    report: bool = True  # figures (best/worst classes), per-class heatmap, tag correlations under report/
 
 
 def typed(node: DictConfig, schema: type, section: str) -> Any:

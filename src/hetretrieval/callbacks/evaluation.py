@@ -7,6 +7,7 @@ search, writes the run directory and logs.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -63,8 +64,9 @@ class RetrievalEvaluation(pl.Callback):
     """Evaluate the predicted descriptors on the datamodule's `RetrievalDataset` and write/log the results."""
 
     def __init__(self, output_dir: str | Path, ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
-                 max_batch_entries: int = 1 << 24, show_classes: int = 10) -> None:
+                 max_batch_entries: int = 1 << 24, report: bool = True, show_classes: int = 10) -> None:
         self.output_dir = Path(output_dir)
+        self.report = report
         self.ks = tuple(int(k) for k in ks)
         self.top_k = top_k
         self.max_batch_entries = max_batch_entries
@@ -115,7 +117,8 @@ class RetrievalEvaluation(pl.Callback):
         self.summary = write_run(self.output_dir, dataset, self.results, descriptors, valid, skipped, info, self.ks)
         if getattr(dataset, "ground_truth", None) is not None:
             self._evaluate_revisited(dataset, descriptors)
-        self._log(trainer, dataset)
+        figures = self._write_report() if self.report else {}
+        self._log(trainer, dataset, figures)
         self._print(dataset)
 
     def _evaluate_revisited(self, dataset, descriptors: np.ndarray) -> None:
@@ -127,11 +130,27 @@ class RetrievalEvaluation(pl.Callback):
         self.summary.update(scores)
         (self.output_dir / SUMMARY).write_text(json.dumps(self.summary, indent=2, default=str))
 
+    def _write_report(self) -> dict[str, Path]:
+        """Figure-4 grids of the best and worst classes, the per-class heatmap and, when the images carry
+        variation tags, their correlation with per-class mAP, under `report/` (the results are already saved:
+        a failure here is reported, not fatal)."""
+        from hetretrieval.analysis.comparison import compare_runs
+        from hetretrieval.analysis.retrieval_figures import best_and_worst_grids
+
+        report_dir = self.output_dir / "report"
+        try:
+            paths = best_and_worst_grids(self.output_dir, report_dir)
+            paths.update(compare_runs([self.output_dir], annotations="auto").write(report_dir))
+        except Exception as error:  # noqa: BLE001 - reporting must not lose the evaluation just written
+            log.warning("could not write the run report (%s: %s); results are saved", type(error).__name__, error)
+            return {}
+        return paths
+
     def _per_class_rows(self, dataset) -> list[dict]:
         return [{"class": label, "n_queries": n, "mAP": m, **class_metadata(dataset, label)}
                 for label, (n, m) in self.results.per_class.items()]
 
-    def _log(self, trainer: pl.Trainer, dataset) -> None:
+    def _log(self, trainer: pl.Trainer, dataset, report: dict[str, Path]) -> None:
         scalars = {k: v for k, v in self.summary.items() if isinstance(v, float)}
         scalars.update({f"class_mAP/{label}": m for label, (n, m) in self.results.per_class.items() if n})
         for logger in trainer.loggers:
@@ -140,6 +159,13 @@ class RetrievalEvaluation(pl.Callback):
                 rows = self._per_class_rows(dataset)
                 logger.log_table("per_class_map", columns=["class", "n_queries", "mAP"],
                                  data=[[r["class"], r["n_queries"], r["mAP"]] for r in rows])
+                for name, path in report.items():
+                    if path.suffix == ".png":
+                        logger.log_image(f"report/{name}", images=[str(path)])
+                    elif name == "correlations_csv":
+                        with path.open(newline="") as handle:
+                            table = list(csv.reader(handle))
+                        logger.log_table("correlations", columns=table[0], data=table[1:])
             logger.save()
 
     def _print(self, dataset) -> None:

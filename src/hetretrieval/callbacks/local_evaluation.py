@@ -39,8 +39,8 @@ class LocalRetrievalEvaluation(RetrievalEvaluation):
 
     def __init__(self, output_dir: str | Path, verifier: GeometricVerifier, search: LocalSearchOptions,
                  rerank_top_k: int | None = None, ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
-                 max_batch_entries: int = 1 << 24) -> None:
-        super().__init__(output_dir, ks, top_k, max_batch_entries)
+                 max_batch_entries: int = 1 << 24, report: bool = True) -> None:
+        super().__init__(output_dir, ks, top_k, max_batch_entries, report)
         self.verifier = verifier
         self.search = search
         self.rerank_top_k = rerank_top_k
@@ -111,5 +111,5 @@ class LocalRetrievalEvaluation(RetrievalEvaluation):
         })
         self.summary = write_run(self.output_dir, dataset, self.results, descriptors, valid, skipped, info, self.ks)
         save_local_features(self.output_dir / LOCAL_FEATURES, [features[i] for i in described])
-        self._log(trainer, dataset)
+        self._log(trainer, dataset, self._write_report() if self.report else {})
         self._print(dataset)

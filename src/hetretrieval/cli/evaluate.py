@@ -77,9 +77,10 @@ def evaluate(cfg: DictConfig) -> dict:
             module = LocalFeatureModule(module)
         callback = LocalRetrievalEvaluation(output_dir, instantiate(cfg.verification), search,
                                             rerank.top_k if rerank else None, evaluation.ks, evaluation.top_k,
-                                            evaluation.max_batch_entries)
+                                            evaluation.max_batch_entries, report=evaluation.report)
     else:
-        callback = RetrievalEvaluation(output_dir, evaluation.ks, evaluation.top_k, evaluation.max_batch_entries)
+        callback = RetrievalEvaluation(output_dir, evaluation.ks, evaluation.top_k, evaluation.max_batch_entries,
+                                       report=evaluation.report)
     loggers = build_loggers(cfg, f"{module.descriptor_name}-{dataset.name}")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback], logger=loggers or False)
     for logger in loggers:

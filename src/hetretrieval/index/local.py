@@ -32,7 +32,7 @@ class LocalSearchOptions:
 
     shortlist: int = 100  # most-voted database images verified per query
     neighbours: int = 10  # nearest database descriptors retrieved per query descriptor (its votes)
-    pq_subquantizers: int = 8  # PQ code bytes per float descriptor; must divide the descriptor dimension
+    pq_subquantizers: int = 8  # PQ sub-vectors (code bytes with 8-bit codes); must divide the dimension
     ivf_lists: int = 0  # > 0: IndexIVFPQ with that many inverted lists (large collections); 0: IndexPQ
     ivf_probes: int = 8  # inverted lists visited per query descriptor (IVF only)
     mutual: bool = True  # tentative matches must be mutual nearest neighbours
@@ -58,7 +58,8 @@ def stack_descriptors(features: Sequence[LocalFeatures]) -> tuple[np.ndarray, np
 def build_descriptor_index(descriptors: np.ndarray, options: LocalSearchOptions) -> faiss.Index | faiss.IndexBinary:
     """Index `(M, D)` descriptors: exact Hamming for packed uint8, PQ (or IVF-PQ) on inner product for float.
 
-    PQ codebooks have `2^bits` centroids, `bits = min(8, log2 M)` so that tiny collections can still train.
+    PQ codebooks have `2^bits` centroids: 256 (8-bit codes) once there are the 39 training descriptors per
+    centroid faiss asks for, fewer for small collections.
     """
     count, dim = descriptors.shape
     if descriptors.dtype == np.uint8:
@@ -70,7 +71,7 @@ def build_descriptor_index(descriptors: np.ndarray, options: LocalSearchOptions)
                           f"descriptor dimension {dim}")
     if count < 2:
         raise ConfigError(f"a PQ index needs at least 2 database descriptors, got {count}")
-    bits = min(8, int(np.log2(count)))
+    bits = min(8, max(1, int(np.log2(count / 39))))
     data = np.ascontiguousarray(descriptors, dtype=np.float32)
     if options.ivf_lists:
         quantizer = faiss.IndexFlatIP(dim)
