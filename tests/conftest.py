@@ -61,6 +61,6 @@ def compose_eval(tmp_path, cache_dir):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name, overrides=[
                 f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}", f"paths.data_dir={SHARED_DATA}",
-                "logger=csv", *overrides])
+                "logger=csv", "evaluation.report=false", *overrides])
 
     return _compose

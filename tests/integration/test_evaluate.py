@@ -114,3 +114,12 @@ def test_pacs_cross_domain_split(compose_eval, pacs_root):
                                     "extraction.max_size=64", "extraction.batch_size=64"))
     assert summary["counts"]["queries"] == 983 and summary["counts"]["database"] == 420
     assert summary["mAP"] > 1 / 7  # better than chance over 7 classes
+
+
+def test_report_figures_and_tag_correlations(compose_eval, tmp_path):
+    evaluate(compose_eval(*TINY_BUILTIN, "evaluation.report=true"))
+    report = tmp_path / "run" / "report"
+    for name in ("figure4_best.png", "figure4_worst.png", "per_class_map.png", "comparison.md"):
+        assert (report / name).stat().st_size > 0
+    # the built-in benchmark tags every image with variation strengths: they are correlated with per-class mAP
+    assert (report / "correlations.csv").read_text().splitlines()[0].startswith("variation,descriptor")

@@ -15,8 +15,8 @@ from hetretrieval.models.local.features import load_local_features
 from hetretrieval.models.local.pipeline import DelfExtractor
 from hetretrieval.models.local.ransac import GeometricVerifier
 
-TINY_LOCAL = [*TINY_BUILTIN, "dataset.image_size=128", "extraction.max_size=128", "local_search.shortlist=5",
-              "verification.iterations=200"]
+TINY_LOCAL = [*TINY_BUILTIN, "evaluation.report=false", "dataset.image_size=128", "extraction.max_size=128",
+              "local_search.shortlist=5", "verification.iterations=200"]
 
 
 def test_orb_runs_and_writes_the_run_files(compose_eval, tmp_path):
@@ -31,8 +31,8 @@ def test_orb_runs_and_writes_the_run_files(compose_eval, tmp_path):
 
 
 def test_netvlad_initialises_from_the_database_and_whitens(compose_eval, tmp_path):
-    summary = evaluate(compose_eval(*TINY_BUILTIN, "pooling=netvlad", "pooling.n_clusters=8",
-                                    "pooling.samples_per_image=4"))
+    summary = evaluate(compose_eval(*TINY_BUILTIN, "evaluation.report=false", "pooling=netvlad",
+                                    "pooling.n_clusters=8", "pooling.samples_per_image=4"))
     # 12 database images span 11 directions: whitening is capped there
     assert summary["descriptor"] == "netvlad+pcaw11" and summary["dim"] == 11 and 0 < summary["mAP"] <= 1
     descriptors = np.load(tmp_path / "run" / "descriptors.npy")

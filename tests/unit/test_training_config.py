@@ -44,6 +44,7 @@ def test_optimizer_and_whitening_groups_are_typed(optimizer, whitening):
 def test_default_config_trains_with_checkpointing_on_validation_map():
     cfg = _compose()
     assert cfg.callbacks.model_checkpoint.monitor == "val/mAP" and cfg.callbacks.model_checkpoint.mode == "max"
+    assert cfg.callbacks.last_checkpoint.filename == "last" and cfg.callbacks.last_checkpoint.monitor is None
     assert cfg.trainer.reload_dataloaders_every_n_epochs == 1 and cfg.resume is None
     assert not cfg.augmentation
 

@@ -42,7 +42,8 @@ def build_module(cfg: DictConfig) -> RetrievalModule:
         instantiate(cfg.backbone), instantiate(cfg.pooling), extraction.scales,
         loss=loss, miner=sampling.miner(loss), optimizer=typed(cfg.optimizer, OptimizerOptions, "optimizer"),
         augmentation=instantiate(cfg.augmentation) if cfg.get("augmentation") else None,
-        validation_ks=typed(cfg.evaluation, EvaluationOptions, "evaluation").ks, seed=cfg.seed, architecture=architecture)
+        validation_ks=typed(cfg.evaluation, EvaluationOptions, "evaluation").ks, seed=cfg.seed,
+        freeze_batchnorm=cfg.training.freeze_batchnorm, architecture=architecture)
 
 
 def build_datamodule(cfg: DictConfig) -> TrainingDataModule:

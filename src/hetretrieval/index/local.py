@@ -111,11 +111,10 @@ def count_votes(index: faiss.Index | faiss.IndexBinary, owner: np.ndarray, queri
     k = min(neighbours, index.ntotal)
     data = np.ascontiguousarray(queries if queries.dtype == np.uint8 else queries.astype(np.float32))
     _, found = index.search(data, k)
-    images = np.where(found >= 0, owner[np.maximum(found, 0)], -1)
-    votes = np.zeros(n_images, dtype=np.int64)
-    for row in images:  # one vote per (query descriptor, image)
-        np.add.at(votes, np.unique(row[row >= 0]), 1)
-    return votes
+    images = owner[np.maximum(found, 0)]
+    rows = np.broadcast_to(np.arange(len(found))[:, None], found.shape)
+    voted = np.unique((rows * n_images + images)[found >= 0])  # one vote per (query descriptor, image)
+    return np.bincount(voted % n_images, minlength=n_images)
 
 
 def verify_pairs(

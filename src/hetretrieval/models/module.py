@@ -36,6 +36,8 @@ class RetrievalModule(pl.LightningModule):
     Fine-tuning (`trainer.fit`) takes `loss` over tuple batches `{"images": (T, S, 3, H, W)}` or labelled batches
     `{"images": (N, 3, H, W), "labels": (N,)}` with triplets from `miner`, optimised as `optimizer` says; the
     images are first varied by `augmentation` (seeded by epoch and batch). Training describes at scale 1.
+    `freeze_batchnorm` keeps the backbone's batch-norm statistics at their pretrained values (small, class-
+    balanced batches otherwise overwrite them); their affine parameters still train.
     Validation evaluates the datamodule's `val_dataset` and logs `val/mAP` (global, per class, per domain pair).
     `architecture` holds the backbone and head config nodes (`_target_`) and is stored in checkpoints, so that
     :func:`load_for_evaluation` can rebuild the module from a checkpoint alone.
@@ -44,7 +46,7 @@ class RetrievalModule(pl.LightningModule):
     def __init__(self, backbone: Backbone, head: nn.Module, scales: Sequence[float] = (1.0,), *,
                  whitening: Whitening | None = None, loss: nn.Module | None = None, miner: nn.Module | None = None,
                  optimizer: OptimizerOptions | None = None, augmentation: nn.Module | None = None,
-                 validation_ks: Sequence[int] = (1, 5, 10), seed: int = 0,
+                 validation_ks: Sequence[int] = (1, 5, 10), seed: int = 0, freeze_batchnorm: bool = False,
                  architecture: Mapping | None = None) -> None:
         super().__init__()
         scales = tuple(float(s) for s in scales)
@@ -60,6 +62,7 @@ class RetrievalModule(pl.LightningModule):
         self.augmentation = augmentation
         self.validation_ks = tuple(validation_ks)
         self.seed = seed
+        self.freeze_batchnorm = freeze_batchnorm
         self.architecture = dict(architecture) if architecture is not None else None
         self._validation_parts: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -84,7 +87,17 @@ class RetrievalModule(pl.LightningModule):
         descriptors = self.head(self.backbone(images))
         return descriptors if self.whitening is None else self.whitening(descriptors)
 
+    def train(self, mode: bool = True) -> RetrievalModule:
+        super().train(mode)
+        if mode and self.freeze_batchnorm:
+            for layer in self.backbone.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
+        return self
+
     def on_train_epoch_start(self) -> None:
+        # Lightning 2.6 restores each layer's own mode instead of calling train(): apply freeze_batchnorm here.
+        self.train()
         # Global randomness (dropout, drop-path) restarts from the epoch number: resumed runs match.
         torch.manual_seed(self.seed * 1_000_003 + self.current_epoch)
 
