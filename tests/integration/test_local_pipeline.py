@@ -32,7 +32,8 @@ def test_orb_runs_and_writes_the_run_files(compose_eval, tmp_path):
 
 def test_netvlad_initialises_from_the_database_and_whitens(compose_eval, tmp_path):
     summary = evaluate(compose_eval(*TINY_BUILTIN, "evaluation.report=false", "pooling=netvlad",
-                                    "pooling.n_clusters=8", "pooling.samples_per_image=4"))
+                                    "pooling.n_clusters=8", "pooling.samples_per_image=4",
+                                    "pooling.whitening_dim=4096"))
     # 12 database images span 11 directions: whitening is capped there
     assert summary["descriptor"] == "netvlad+pcaw11" and summary["dim"] == 11 and 0 < summary["mAP"] <= 1
     descriptors = np.load(tmp_path / "run" / "descriptors.npy")
@@ -65,9 +66,16 @@ def test_delf_features_verify_a_stereo_pair_far_above_unrelated_pairs():
     assert inliers[0] >= 40 and inliers[0] >= 4 * inliers[1:].max(), inliers
 
 
-def test_delf_with_a_trained_attention_runs_on_a_pq_index(compose_eval, tmp_path):
-    checkpoint = train_attention(compose_eval(*TINY_BUILTIN[:4], "training.image_size=64", "training.batch_size=6",
-                                              "trainer.max_epochs=1", config_name="attention_train"))
+def test_delf_with_a_trained_attention_runs_on_a_pq_index(compose_eval, cache_dir, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from hetretrieval.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        training = compose("attention_train", overrides=[
+            f"paths.output_dir={tmp_path / 'attention'}", f"paths.cache_dir={cache_dir}", *TINY_BUILTIN[:4],
+            "training.image_size=64", "training.batch_size=6", "trainer.max_epochs=1"])
+    checkpoint = train_attention(training)
     summary = evaluate(compose_eval(*TINY_LOCAL, "pooling=delf", "pooling.scales=[1.0]",
                                     f"pooling.attention_checkpoint={checkpoint}"))
     assert summary["descriptor"] == "delf" and summary["scorer"] == "attention" and 0 < summary["mAP"] <= 1

@@ -122,8 +122,8 @@ class NetVLADPreparation:
     max_images: int | None = 1000  # at most this many of them (seeded draw)
     samples_per_image: int = 100  # local descriptors drawn per image
     seed: int = 0
-    whitening_dim: int | None = 4096  # PCA-whitening of the VLAD vectors to this dimension (capped by the
-    # database's rank); None: no whitening
+    whitening_dim: int | None = None  # PCA-whitening of the VLAD vectors to this dimension (e.g. 4096, capped
+    # by the database's rank); None: no whitening
     whitening_shrinkage: float = 0.0
 
 
