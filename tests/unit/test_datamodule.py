@@ -3,8 +3,7 @@
 import numpy as np
 import torch
 
-from hetretrieval.callbacks.evaluation import merge_gathered
-from hetretrieval.data.datamodule import SizeBucketBatchSampler, collate_same_size
+from hetretrieval.data.datamodule import SizeBucketBatchSampler, collate_same_size, merge_gathered
 
 SHAPES = [(4, 6), (6, 4), (4, 6), None, (4, 6), (6, 4), (5, 5)]
 

@@ -20,36 +20,13 @@ import torch.distributed as dist
 
 from hetretrieval.analysis.results import SUMMARY, class_metadata, write_run
 from hetretrieval.analysis.tables import format_table
+from hetretrieval.data.datamodule import merge_gathered
 from hetretrieval.metrics.retrieval import RetrievalResults, evaluate_retrieval
 from hetretrieval.metrics.revisited import PROTOCOLS, evaluate_revisited, rank_database, revisited_summary
 
 log = logging.getLogger(__name__)
 
 REVISITED = "revisited.json"
-
-
-def merge_gathered(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-rank `(indices (n_r,), descriptors (n_r, D))` -> `descriptors (N, D)` in dataset order, `valid (N,)`.
-
-    Duplicates (a sampler that pads by repeating items) keep their first occurrence; images no rank described
-    stay zero with `valid` False.
-    """
-    dims = {p[1].shape[1] for p in parts if p[1].size}
-    if len(dims) > 1:
-        raise RuntimeError(f"ranks produced descriptors of different sizes {sorted(dims)}")
-    descriptors = np.zeros((n_images, dims.pop() if dims else 0), dtype=np.float32)
-    valid = np.zeros(n_images, dtype=bool)
-    for indices, values in parts:
-        fresh = _first_occurrence(indices) & ~valid[indices]
-        descriptors[indices[fresh]] = values[fresh]
-        valid[indices[fresh]] = True
-    return descriptors, valid
-
-
-def _first_occurrence(indices: np.ndarray) -> np.ndarray:
-    mask = np.zeros(indices.size, dtype=bool)
-    mask[np.unique(indices, return_index=True)[1]] = True
-    return mask
 
 
 def _all_gather(obj):
@@ -88,24 +65,20 @@ class RetrievalEvaluation(pl.Callback):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         extraction_seconds = time.perf_counter() - self._started
-        local = (np.concatenate(self._indices) if self._indices else np.zeros(0, np.int64),
-                 np.concatenate(self._descriptors) if self._descriptors else np.zeros((0, 0), np.float32))
-        gathered = _all_gather((local, self._failed))
+        gathered = _all_gather(self._rank_state())
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
         dataset = datamodule.dataset
-        descriptors, valid = merge_gathered([part for part, _ in gathered], len(dataset))
+        descriptors, valid = merge_gathered([state[0] for state in gathered], len(dataset))
         skipped = dict(datamodule.unreadable)
-        for _, failed in gathered:
-            skipped.update(failed)
+        for state in gathered:
+            skipped.update(state[1])
         for index in np.flatnonzero(~valid):  # e.g. fast_dev_run / limit_predict_batches: say so, never hide it
             skipped.setdefault(int(index), "not extracted (prediction stopped early: fast_dev_run or a batch limit)")
         started = time.perf_counter()
-        self.results = evaluate_retrieval(descriptors, dataset, valid, self.ks, self.top_k, self.max_batch_entries)
-        info = {
-            "descriptor": pl_module.descriptor_name,
-            "backbone": pl_module.backbone.model_name,
+        self.results, info = self._score(descriptors, valid, dataset, pl_module, gathered)
+        info.update({
             "dim": int(descriptors.shape[1]),
             "scales": list(pl_module.scales),
             "max_size": datamodule.max_size,
@@ -113,13 +86,29 @@ class RetrievalEvaluation(pl.Callback):
             "timings": {"extraction_s": round(extraction_seconds, 3),
                         "images_per_s": round(int(valid.sum()) / max(extraction_seconds, 1e-9), 2),
                         "search_and_metrics_s": round(time.perf_counter() - started, 3)},
-        }
+        })
         self.summary = write_run(self.output_dir, dataset, self.results, descriptors, valid, skipped, info, self.ks)
-        if getattr(dataset, "ground_truth", None) is not None:
-            self._evaluate_revisited(dataset, descriptors)
+        self._write_extras(dataset, descriptors, valid)
         figures = self._write_report() if self.report else {}
         self._log(trainer, dataset, figures)
         self._print(dataset)
+
+    def _rank_state(self) -> tuple:
+        """What this rank contributes to the gather: `((indices, descriptors), failures, ...)`."""
+        local = (np.concatenate(self._indices) if self._indices else np.zeros(0, np.int64),
+                 np.concatenate(self._descriptors) if self._descriptors else np.zeros((0, 0), np.float32))
+        return local, self._failed
+
+    def _score(self, descriptors: np.ndarray, valid: np.ndarray, dataset, pl_module, gathered: list
+               ) -> tuple[RetrievalResults, dict]:
+        """Rank and score: exact search over the global descriptors. Returns the results and run facts."""
+        results = evaluate_retrieval(descriptors, dataset, valid, self.ks, self.top_k, self.max_batch_entries)
+        return results, {"descriptor": pl_module.descriptor_name, "backbone": pl_module.backbone.model_name}
+
+    def _write_extras(self, dataset, descriptors: np.ndarray, valid: np.ndarray) -> None:
+        """Protocol-specific files: the official revisitop scores for Revisited Oxford/Paris."""
+        if getattr(dataset, "ground_truth", None) is not None:
+            self._evaluate_revisited(dataset, descriptors)
 
     def _evaluate_revisited(self, dataset, descriptors: np.ndarray) -> None:
         """Revisited Oxford/Paris: the official Easy/Medium/Hard scores, into revisited.json and the summary."""

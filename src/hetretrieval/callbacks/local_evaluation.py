@@ -8,15 +8,13 @@ local search, the descriptor index's memory (PQ codes vs. flat descriptors) in t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 
-from hetretrieval.analysis.results import write_run
-from hetretrieval.callbacks.evaluation import RetrievalEvaluation, _all_gather, merge_gathered
+from hetretrieval.callbacks.evaluation import RetrievalEvaluation
 from hetretrieval.index.local import (
     LocalSearchOptions,
     build_descriptor_index,
@@ -27,7 +25,7 @@ from hetretrieval.index.local import (
     stack_descriptors,
 )
 from hetretrieval.index.search import iter_rankings
-from hetretrieval.metrics.retrieval import evaluate_rankings, search_protocol
+from hetretrieval.metrics.retrieval import RetrievalResults, evaluate_rankings, search_protocol
 from hetretrieval.models.local.features import LocalFeatures, save_local_features
 from hetretrieval.models.local.ransac import GeometricVerifier
 
@@ -54,26 +52,16 @@ class LocalRetrievalEvaluation(RetrievalEvaluation):
         for index, features in zip(outputs["index"].tolist(), outputs["features"], strict=True):
             self._features.setdefault(int(index), features)
 
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        extraction_seconds = time.perf_counter() - self._started
-        local = (np.concatenate(self._indices) if self._indices else np.zeros(0, np.int64),
-                 np.concatenate(self._descriptors) if self._descriptors else np.zeros((0, 0), np.float32))
-        gathered = _all_gather((local, self._failed, self._features))
-        if not trainer.is_global_zero:
-            return
-        datamodule = trainer.datamodule
-        dataset = datamodule.dataset
-        descriptors, valid = merge_gathered([part for part, _, _ in gathered], len(dataset))
-        features: dict[int, LocalFeatures] = {}
-        skipped = dict(datamodule.unreadable)
-        for _, failed, part in gathered:
-            skipped.update(failed)
-            for index, value in part.items():
-                features.setdefault(index, value)
-        for index in np.flatnonzero(~valid):
-            skipped.setdefault(int(index), "not extracted (prediction stopped early: fast_dev_run or a batch limit)")
+    def _rank_state(self) -> tuple:
+        return (*super()._rank_state(), self._features)
 
-        started = time.perf_counter()
+    def _score(self, descriptors: np.ndarray, valid: np.ndarray, dataset, pl_module, gathered: list
+               ) -> tuple[RetrievalResults, dict]:
+        """Local search by votes then spatial verification, or re-ranking of the global ranking's top-k."""
+        features: dict[int, LocalFeatures] = {}
+        for state in gathered:
+            for index, value in state[2].items():
+                features.setdefault(index, value)
         described = np.flatnonzero(valid)
         pca_dim = getattr(pl_module.extractor, "pca_dim", None)
         protocol = search_protocol(dataset, valid)
@@ -81,6 +69,7 @@ class LocalRetrievalEvaluation(RetrievalEvaluation):
             reduced = reduce_dimension([features[i] for i in described],
                                        [features[i] for i in protocol.database_ids], pca_dim)
             features = dict(zip(described.tolist(), reduced, strict=True))
+        self._described_features = [features[i] for i in described]
         queries = [features[i] for i in protocol.query_ids]
         database = [features[i] for i in protocol.database_ids]
         info = {"descriptor": pl_module.descriptor_name, "backbone": pl_module.backbone_name,
@@ -99,17 +88,7 @@ class LocalRetrievalEvaluation(RetrievalEvaluation):
             info["local_index"] = index_memory(index, stacked)
             rankings = local_rankings(queries, database, protocol.exclude, self.verifier, self.search, index)
             info["shortlist"] = self.search.shortlist
-        self.results = evaluate_rankings(rankings, dataset, protocol, self.ks, self.top_k)
-        info.update({
-            "dim": int(descriptors.shape[1]),
-            "scales": list(pl_module.scales),
-            "max_size": datamodule.max_size,
-            "device": str(pl_module.device),
-            "timings": {"extraction_s": round(extraction_seconds, 3),
-                        "images_per_s": round(int(valid.sum()) / max(extraction_seconds, 1e-9), 2),
-                        "search_and_metrics_s": round(time.perf_counter() - started, 3)},
-        })
-        self.summary = write_run(self.output_dir, dataset, self.results, descriptors, valid, skipped, info, self.ks)
-        save_local_features(self.output_dir / LOCAL_FEATURES, [features[i] for i in described])
-        self._log(trainer, dataset, self._write_report() if self.report else {})
-        self._print(dataset)
+        return evaluate_rankings(rankings, dataset, protocol, self.ks, self.top_k), info
+
+    def _write_extras(self, dataset, descriptors: np.ndarray, valid: np.ndarray) -> None:
+        save_local_features(self.output_dir / LOCAL_FEATURES, self._described_features)

@@ -17,6 +17,7 @@ from hetretrieval.config import CONFIG_DIR, EvaluationOptions, ExtractionOptions
 from hetretrieval.data.datamodule import RetrievalDataModule
 from hetretrieval.errors import ConfigError, HetRetrievalError
 from hetretrieval.index.local import LocalSearchOptions
+from hetretrieval.models.factory import build_head
 from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS, LocalFeatureModule
 from hetretrieval.models.module import RetrievalModule, load_for_evaluation
 
@@ -39,32 +40,23 @@ def finish_loggers(loggers: list) -> None:
             logger.experiment.finish()
 
 
-def build_head(node: DictConfig, backbone):
-    """The pooling head; a config that leaves `backbone: ???` (NetVLAD, DELF) gets the evaluated backbone."""
-    if "backbone" not in node.keys() or not OmegaConf.is_missing(node, "backbone"):
-        return instantiate(node)
-    options = OmegaConf.to_container(node, resolve=True)
-    del options["backbone"]
-    return instantiate(OmegaConf.create(options), backbone=backbone)
-
-
 def evaluate(cfg: DictConfig) -> dict:
     """Build everything from the config (failing fast on bad values), extract, evaluate; returns the summary."""
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
     pl.seed_everything(cfg.seed, workers=True)
     dataset = instantiate(cfg.dataset)
+    datamodule = RetrievalDataModule(dataset, extraction.max_size, extraction.batch_size, extraction.num_workers)
     if cfg.get("checkpoint"):  # a fine-tuned model from hetretrieval-train (backbone/pooling groups unused)
         module = load_for_evaluation(cfg.checkpoint, extraction.scales)
     else:
         backbone = instantiate(cfg.backbone)
         head = build_head(cfg.pooling, backbone)
         module = head if isinstance(head, LOCAL_EXTRACTORS) else RetrievalModule(backbone, head, extraction.scales)
-    datamodule = RetrievalDataModule(dataset, extraction.max_size, extraction.batch_size, extraction.num_workers)
+        if hasattr(head, "prepare"):  # data-initialised heads (NetVLAD) learn from the images before extraction
+            datamodule.setup()
+            head.prepare(backbone.eval(), datamodule)
     output_dir = Path(cfg.paths.output_dir)
-    if hasattr(getattr(module, "head", None), "prepare"):  # data-initialised heads (NetVLAD), before extraction
-        datamodule.setup()
-        module.eval().head.prepare(module.backbone, datamodule)
     rerank = cfg.get("rerank")
     if isinstance(module, LOCAL_EXTRACTORS) or rerank:
         search = typed(OmegaConf.create(OmegaConf.to_container(cfg.local_search, resolve=True)),

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hetretrieval.cli.evaluate import build_loggers, finish_loggers
 from hetretrieval.config import CONFIG_DIR, EvaluationOptions, ExtractionOptions, instantiate, typed
 from hetretrieval.errors import HetRetrievalError
+from hetretrieval.models.factory import build_head
 from hetretrieval.models.module import RetrievalModule
 from hetretrieval.training.datamodule import TrainingDataModule, holdout_split
 from hetretrieval.training.evaluation import evaluate_module
@@ -38,8 +39,9 @@ def build_module(cfg: DictConfig) -> RetrievalModule:
     sampling = instantiate(cfg.miner)
     architecture = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
                     "head": OmegaConf.to_container(cfg.pooling, resolve=True)}
+    backbone = instantiate(cfg.backbone)
     return RetrievalModule(
-        instantiate(cfg.backbone), instantiate(cfg.pooling), extraction.scales,
+        backbone, build_head(cfg.pooling, backbone), extraction.scales,
         loss=loss, miner=sampling.miner(loss), optimizer=typed(cfg.optimizer, OptimizerOptions, "optimizer"),
         augmentation=instantiate(cfg.augmentation) if cfg.get("augmentation") else None,
         validation_ks=typed(cfg.evaluation, EvaluationOptions, "evaluation").ks, seed=cfg.seed,

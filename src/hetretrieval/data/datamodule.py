@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -140,3 +141,26 @@ class RetrievalDataModule(pl.LightningDataModule):
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
         )
 
+
+def merge_gathered(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank `(indices (n_r,), descriptors (n_r, D))` -> `descriptors (N, D)` in dataset order, `valid (N,)`.
+
+    Duplicates (a sampler that pads by repeating items) keep their first occurrence; images no rank described
+    stay zero with `valid` False.
+    """
+    dims = {p[1].shape[1] for p in parts if p[1].size}
+    if len(dims) > 1:
+        raise RuntimeError(f"ranks produced descriptors of different sizes {sorted(dims)}")
+    descriptors = np.zeros((n_images, dims.pop() if dims else 0), dtype=np.float32)
+    valid = np.zeros(n_images, dtype=bool)
+    for indices, values in parts:
+        fresh = _first_occurrence(indices) & ~valid[indices]
+        descriptors[indices[fresh]] = values[fresh]
+        valid[indices[fresh]] = True
+    return descriptors, valid
+
+
+def _first_occurrence(indices: np.ndarray) -> np.ndarray:
+    mask = np.zeros(indices.size, dtype=bool)
+    mask[np.unique(indices, return_index=True)[1]] = True
+    return mask

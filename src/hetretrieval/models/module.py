@@ -15,8 +15,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from hetretrieval.callbacks.evaluation import merge_gathered
 from hetretrieval.config import instantiate
+from hetretrieval.data.datamodule import merge_gathered
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.models.backbones import Backbone
 from hetretrieval.models.pooling.functional import aggregate_scales, resize_to_scale
