@@ -9,7 +9,6 @@ from conftest import TINY_BUILTIN
 from hetretrieval.cli.evaluate import evaluate
 
 
-@pytest.mark.slow
 def test_ddp_sim_matches_single_process(compose_eval, tmp_path):
     single = evaluate(compose_eval(*TINY_BUILTIN, "paths.output_dir=" + str(tmp_path / "single")))
     evaluate(compose_eval(*TINY_BUILTIN, "trainer=ddp_sim", "paths.output_dir=" + str(tmp_path / "ddp")))

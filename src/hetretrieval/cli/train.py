@@ -66,7 +66,7 @@ def test(module: RetrievalModule, cfg: DictConfig, variant: str) -> dict[str, di
     for name, node in (cfg.test.get("datasets") or {}).items():
         summaries[name] = evaluate_module(module, instantiate(node), Path(cfg.paths.output_dir) / "test" / name / variant,
                                           extraction.max_size, extraction.batch_size, evaluation.ks,
-                                          evaluation.top_k, extraction.num_workers)
+                                          evaluation.top_k, extraction.num_workers, report=evaluation.report)
     return summaries
 
 

@@ -40,10 +40,10 @@ def retrieval_metrics(descriptors: np.ndarray, valid: np.ndarray, dataset: Retri
 
 def evaluate_module(module: pl.LightningModule, dataset: RetrievalDataset, output_dir: str | Path,
                     max_size: int | None, batch_size: int = 16, ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
-                    num_workers: int = 0, accelerator: str = "auto") -> dict:
+                    num_workers: int = 0, accelerator: str = "auto", report: bool = True) -> dict:
     """Extract and evaluate ``dataset`` with ``module`` as ``hetretrieval-eval`` does; returns ``summary.json``'s
     content (result files written to ``output_dir``)."""
-    callback = RetrievalEvaluation(output_dir, ks, top_k)
+    callback = RetrievalEvaluation(output_dir, ks, top_k, report=report)
     trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[callback],
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                          use_distributed_sampler=False, inference_mode=True)
