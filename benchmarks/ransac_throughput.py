@@ -8,6 +8,11 @@ iterations, OpenCV stops early once `--confidence` is reached (it refuses confid
 Prints pairs/s (best of `--repeats`, extraction and matching excluded) and the agreement of inlier counts.
 
     .venv/bin/python benchmarks/ransac_throughput.py [--views 3] [--threads 1] [--batch-size 64]
+
+Measured on the 2-core CPU machine (276 pairs, ORB 1000, 5 px, 1000 iterations, under shared load): affine,
+batched 306-464 pairs/s vs OpenCV ~4,300 (early stopping makes cheap affine fits fast); homography, batched
+172-275 pairs/s vs OpenCV 55-114. Inliers, same photo/scene vs unrelated (median): affine 207 vs 5, homography
+275 vs 6; 98% (homography) and 94% (affine) of pairs agree with OpenCV within max(5, 10%).
 """
 
 from __future__ import annotations

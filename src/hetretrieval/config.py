@@ -28,7 +28,7 @@ class ExtractionOptions:
     """How images become descriptors."""
 
     max_size: int | None = 800  # longer side cap in pixels (the paper's 800); null keeps full resolution
-    batch_size: int = 16  # images per batch, within one size bucket
+    batch_size: int = 4  # images per batch, within one size bucket (benchmarks/extraction_throughput.py)
     num_workers: int = 0  # data-loading worker processes
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale extraction (e.g. [1, 0.707, 0.5])
 
