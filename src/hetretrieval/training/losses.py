@@ -104,12 +104,8 @@ class ContrastiveLoss(nn.Module):
         self, embeddings: Tensor, labels: Tensor | None = None, indices_tuple: IndexTuple | None = None
     ) -> Tensor:
         """``(T, 2 + n_neg, D)`` tuples, or ``(N, D)`` with labels and/or indices -> scalar."""
-        if embeddings.ndim == 3:
-            _check_no_labels(labels, indices_tuple)
-            embeddings, indices_tuple = _flatten_tuples(embeddings)
+        embeddings, indices_tuple = _flat_batch(embeddings, labels, indices_tuple)
         if indices_tuple is None:
-            if labels is None:
-                raise ValueError("a flat batch needs labels or an index tuple")
             pairs = all_pairs(labels)
         elif len(indices_tuple) == 3:
             pairs = pairs_from_triplets(indices_tuple)
@@ -148,31 +144,30 @@ class TripletLoss(nn.Module):
         self, embeddings: Tensor, labels: Tensor | None = None, indices_tuple: IndexTuple | None = None
     ) -> Tensor:
         """``(T, 2 + n_neg, D)`` tuples, or ``(N, D)`` with labels and/or indices -> scalar."""
-        if embeddings.ndim == 3:
-            _check_no_labels(labels, indices_tuple)
-            embeddings, indices_tuple = _flatten_tuples(embeddings)
-        if labels is None and indices_tuple is None:
-            raise ValueError("a flat batch needs labels or an index tuple")
+        embeddings, indices_tuple = _flat_batch(embeddings, labels, indices_tuple)
         return self.triplet_margin_loss(embeddings, labels, indices_tuple)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}, reduction={self.reduction!r}"
 
 
-def _flatten_tuples(descriptors: Tensor) -> tuple[Tensor, TripletIndices]:
-    """``(T, S, D)`` tuples -> ``(T * S, D)`` descriptors and their triplet indices."""
-    n_tuples, tuple_size, _ = descriptors.shape
-    return descriptors.flatten(0, 1), tuple_triplets(n_tuples, tuple_size, descriptors.device)
+def _flat_batch(embeddings: Tensor, labels: Tensor | None, indices_tuple: IndexTuple | None
+                ) -> tuple[Tensor, IndexTuple | None]:
+    """A batch as ``(N, D)`` embeddings and its index tuple: ``(T, S, D)`` tuples are flattened into triplets;
+    a flat batch must come with labels or indices."""
+    if embeddings.ndim == 3:
+        if labels is not None or indices_tuple is not None:
+            raise ValueError("tuple batches (T, 2 + n_neg, D) define their own pairs: pass no labels or indices")
+        n_tuples, tuple_size, _ = embeddings.shape
+        return embeddings.flatten(0, 1), tuple_triplets(n_tuples, tuple_size, embeddings.device)
+    if labels is None and indices_tuple is None:
+        raise ValueError("a flat batch needs labels or an index tuple")
+    return embeddings, indices_tuple
 
 
 def _zero_loss(embeddings: Tensor) -> Tensor:
     """A zero that keeps the graph: gradients flow (as zeros) to everything upstream of the embeddings."""
     return embeddings.sum() * 0
-
-
-def _check_no_labels(labels: Tensor | None, indices_tuple: IndexTuple | None) -> None:
-    if labels is not None or indices_tuple is not None:
-        raise ValueError("tuple batches (T, 2 + n_neg, D) define their own pairs: pass no labels or indices")
 
 
 def _check_margin(margin: float) -> None:
