@@ -20,6 +20,7 @@ from typing import TextIO
 import numpy as np
 from scipy import stats
 
+from hetretrieval.analysis.figures import save_figure
 from hetretrieval.errors import ConfigError, DataError
 
 SMALL_SAMPLE = 10
@@ -259,10 +260,7 @@ def plot_table_heatmap(
     figure.colorbar(image, ax=axes, label=label)
     if title:
         axes.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
-    return path
+    return save_figure(figure, path, dpi=150)
 
 
 def _dark_cell(value: float, low: float, high: float, diverging: bool) -> bool:

@@ -56,6 +56,11 @@ def draw_matches(
         axes.add_collection(LineCollection(segments[selected], colors=colour, linewidths=0.8, alpha=0.8))
         axes.scatter(*segments[selected].reshape(-1, 2).T, s=4, c=colour)
     axes.set(xlim=(-0.5, canvas.shape[1] - 0.5), ylim=(canvas.shape[0] - 0.5, -0.5))
+    return save_figure(figure, path, dpi)
+
+
+def save_figure(figure, path: str | Path, dpi: int = 150) -> Path:
+    """Write a matplotlib `Figure` to `path` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hetretrieval.analysis.figures import save_figure
 from hetretrieval.analysis.results import NEIGHBOURS, load_images, load_run
 from hetretrieval.data.images import ImageLoadError, load_image
 from hetretrieval.errors import ConfigError
@@ -86,10 +87,7 @@ def draw_grid(rows: Sequence[GridRow], path: str | Path, title: str | None = Non
             ax.axis("off")
     if title:
         figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def _show(ax, image_path: Path, thumbnail: int) -> None:

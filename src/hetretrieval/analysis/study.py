@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetretrieval.analysis.figures import save_figure
 from hetretrieval.analysis.results import summarise
 from hetretrieval.data.datamodule import RetrievalDataModule
 from hetretrieval.data.datasets import RetrievalDataset
@@ -183,7 +184,4 @@ def plot_study_curves(rows: Sequence[Mapping], path: str | Path, metric: str = "
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
-    return path
+    return save_figure(figure, path, dpi=150)
