@@ -33,3 +33,20 @@ def test_collate_separates_failures():
     batch = collate_same_size(items)
     assert batch["index"].tolist() == [0] and batch["images"].shape == (1, 3, 2, 2)
     assert batch["failed"] == [(1, "bad")]
+
+
+def test_bad_crop_box_is_reported_and_never_loaded(tmp_path):
+    from PIL import Image
+
+    from hetretrieval.data.datamodule import RetrievalDataModule
+    from hetretrieval.data.datasets import ImageRecord, make_dataset
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (20, 10), "red").save(tmp_path / name)
+    records = [ImageRecord(tmp_path / "a.png", "x", {"crop": "2,2,12,8"}),
+               ImageRecord(tmp_path / "b.png", "x", {"crop": "not,a,box"})]
+    datamodule = RetrievalDataModule(make_dataset("crops", records), max_size=None, batch_size=2)
+    datamodule.setup()
+    assert list(datamodule.unreadable) == [1] and "x1,y1,x2,y2" in datamodule.unreadable[1]
+    (batch,) = list(datamodule.predict_dataloader())
+    assert batch["index"].tolist() == [0] and batch["images"].shape == (1, 3, 6, 10)

@@ -112,18 +112,21 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shapes: list[tuple[int, int] | None] | None = None
+        self.boxes: list[tuple[float, float, float, float] | None] = []
         self.unreadable: dict[int, str] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.shapes is not None:
             return
-        self.shapes = []
+        self.shapes, self.boxes = [], []
         for index, record in enumerate(self.dataset.records):
             try:
                 box = parse_box(record.metadata.get(CROP_KEY))
                 self.shapes.append(resized_shape(*read_image_size(record.path, box), self.max_size))
-            except (ImageLoadError, ValueError) as error:
+                self.boxes.append(box)
+            except (ImageLoadError, ValueError) as error:  # never batched: its shape is None
                 self.shapes.append(None)
+                self.boxes.append(None)
                 self.unreadable[index] = str(error)
                 log.warning("skipping unreadable image: %s", error)
         log.info("%d images in %d size buckets", len(self.shapes), len(set(self.shapes) - {None}))
@@ -135,8 +138,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
         )
         return DataLoader(
-            ImageFileDataset([record.path for record in self.dataset.records], self.max_size,
-                             [parse_box(record.metadata.get(CROP_KEY)) for record in self.dataset.records]),
+            ImageFileDataset([record.path for record in self.dataset.records], self.max_size, self.boxes),
             batch_sampler=sampler, collate_fn=collate_same_size, num_workers=self.num_workers,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
         )
