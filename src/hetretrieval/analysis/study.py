@@ -11,6 +11,7 @@ backbone once; every pooling head describes the same feature map.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.data.variations import apply_variation, get_variation
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.metrics.retrieval import evaluate_retrieval
+
+log = logging.getLogger(__name__)
 
 APPLY_TO = ("queries", "all")
 
@@ -89,7 +92,11 @@ def describe_varied(
     n_images = len(datamodule.dataset)
     valid = np.zeros(n_images, dtype=bool)
     out: dict[Condition, dict[str, np.ndarray]] = {}
+    for reason in datamodule.unreadable.values():
+        log.warning("skipping image (left out of queries and database): %s", reason)
     for batch in datamodule.predict_dataloader():
+        for _, reason in batch["failed"]:
+            log.warning("skipping image (left out of queries and database): %s", reason)
         index = batch["index"].numpy()
         if not index.size:
             continue
