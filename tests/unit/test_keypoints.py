@@ -12,10 +12,8 @@ from hetretrieval.models.local.attention import FeatureNormScorer
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.keypoints import (
     ReceptiveField,
-    apply_pca,
     extract_local_features,
     feature_locations,
-    fit_pca,
     receptive_field,
     select_keypoints,
 )
@@ -133,19 +131,3 @@ def test_pyramid_keeps_global_top_n_with_unit_descriptors():
     assert (found.scores[:-1] >= found.scores[1:]).all()
     assert found.descriptors.dtype.name == "float32"
     torch.testing.assert_close(torch.from_numpy(found.descriptors).norm(dim=1), torch.ones(25))
-
-
-def test_fit_pca_against_svd_and_apply():
-    generator = torch.Generator().manual_seed(0)
-    data = torch.randn(200, 6, generator=generator, dtype=torch.float64) * torch.tensor([5, 4, 3, 2, 1, 0.5])
-    data = data @ torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))[0] + 3
-    mean, components = fit_pca(data, 3)
-    torch.testing.assert_close(mean, data.mean(0))
-    reference = torch.linalg.svd(data - data.mean(0), full_matrices=False).Vh[:3]
-    torch.testing.assert_close((components * reference).sum(1).abs(), torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(components @ components.T, torch.eye(3, dtype=torch.float64))
-    projected = apply_pca(data, mean, components)
-    assert projected.shape == (200, 3)
-    torch.testing.assert_close(projected.norm(dim=1), torch.ones(200, dtype=torch.float64))
-    with pytest.raises(ConfigError):
-        fit_pca(data, 7)

@@ -17,8 +17,7 @@ from hetretrieval.index.local import (
 from hetretrieval.index.search import RankingBatch
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.ransac import GeometricVerifier
-from hetretrieval.models.pooling.netvlad import fit_pca_whitening_in_span
-from hetretrieval.models.whitening import fit_pca_whitening
+from hetretrieval.models.whitening import fit_pca_whitening, fit_pca_whitening_in_span
 
 VERIFIER = GeometricVerifier(threshold=2.0, iterations=200)
 

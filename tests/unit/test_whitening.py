@@ -6,6 +6,7 @@ from hetretrieval.models.whitening import (
     Whitening,
     apply_whitening,
     fit_learned_whitening,
+    fit_pca,
     fit_pca_whitening,
 )
 
@@ -168,3 +169,19 @@ def test_whitening_module_is_l2_normalised_and_saved_with_the_checkpoint(correla
 def test_whitening_module_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="projection"):
         Whitening(torch.zeros(5), torch.zeros(3, 6))
+
+
+def test_fit_pca_against_svd_and_apply():
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(200, 6, generator=generator, dtype=torch.float64) * torch.tensor([5, 4, 3, 2, 1, 0.5])
+    data = data @ torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))[0] + 3
+    mean, components = fit_pca(data, 3)
+    torch.testing.assert_close(mean, data.mean(0))
+    reference = torch.linalg.svd(data - data.mean(0), full_matrices=False).Vh[:3]
+    torch.testing.assert_close((components * reference).sum(1).abs(), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(components @ components.T, torch.eye(3, dtype=torch.float64))
+    projected = apply_whitening(data, mean, components)
+    assert projected.shape == (200, 3)
+    torch.testing.assert_close(projected.norm(dim=1), torch.ones(200, dtype=torch.float64))
+    with pytest.raises(ConfigError):
+        fit_pca(data, 7)

@@ -21,9 +21,9 @@ import torch
 from hetretrieval.errors import ConfigError
 from hetretrieval.index.search import RankingBatch
 from hetretrieval.models.local.features import LocalFeatures
-from hetretrieval.models.local.keypoints import apply_pca, fit_pca
 from hetretrieval.models.local.matching import match_features
 from hetretrieval.models.local.ransac import GeometricVerifier
+from hetretrieval.models.whitening import apply_whitening, fit_pca
 
 
 @dataclass
@@ -194,7 +194,7 @@ def reduce_dimension(
         sample = sample[np.random.default_rng(seed).choice(len(sample), max_samples, replace=False)]
     mean, components = fit_pca(torch.from_numpy(sample).double(), dim)
     return [
-        LocalFeatures(f.keypoints, apply_pca(torch.from_numpy(f.descriptors).double(), mean, components)
+        LocalFeatures(f.keypoints, apply_whitening(torch.from_numpy(f.descriptors).double(), mean, components)
                       .float().numpy(), f.scores, f.image_size)
         for f in features
     ]

@@ -23,6 +23,22 @@ from hetretrieval.errors import ConfigError
 _RANK_TOLERANCE = 1e-10
 
 
+def fit_pca(descriptors: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Principal axes (no whitening) of ``descriptors (N, D)`` -> ``mean (D,)``, ``components (dim, D)``.
+
+    Orthonormal components by decreasing variance, signed as ``_sorted_eigh`` does so the projection is
+    reproducible; apply them with :func:`apply_whitening` (project, then L2-normalise, as DELF does).
+    """
+    n, d = descriptors.shape
+    if not 1 <= dim <= d or n < 2:
+        raise ConfigError(f"PCA to dim={dim} needs 1 <= dim <= {d} and at least 2 descriptors, got {n}")
+    x = descriptors.double()
+    mean = x.mean(dim=0)
+    centred = x - mean
+    _, eigenvectors = _sorted_eigh(centred.T @ centred / (n - 1))
+    return mean.to(descriptors.dtype), eigenvectors[:, :dim].T.to(descriptors.dtype)
+
+
 def fit_pca_whitening(
     descriptors: Tensor, dim: int | None = None, shrinkage: float = 0.0
 ) -> tuple[Tensor, Tensor]:
@@ -44,6 +60,25 @@ def fit_pca_whitening(
         eigenvalues = (1 - shrinkage) * eigenvalues + shrinkage * eigenvalues.mean()
     projection = eigenvectors[:, :dim].T / eigenvalues[:dim, None].sqrt()
     return mean.to(descriptors.dtype), projection.to(descriptors.dtype)
+
+
+def fit_pca_whitening_in_span(descriptors: Tensor, dim: int | None = None,
+                              shrinkage: float = 0.0) -> tuple[Tensor, Tensor]:
+    """`fit_pca_whitening` for `N` descriptors of a large dimension `D` (e.g. VLAD, `D > N`): `(N, D)` ->
+    `mean (D,)`, `projection (d, D)`, `d = min(dim, rank)`.
+
+    The centred data spans at most `N - 1` directions: PCA-whitening is fitted on the coordinates in an
+    orthonormal basis of that span (from a thin SVD) and composed with it, never forming the `D x D` covariance.
+    """
+    x = descriptors.double()
+    mean = x.mean(0)
+    _, singular_values, basis = torch.linalg.svd(x - mean, full_matrices=False)
+    rank = int((singular_values > singular_values[0] * 1e-5).sum()) if len(singular_values) else 0
+    if rank == 0:
+        raise ConfigError(f"PCA-whitening needs descriptors that vary, got {len(x)} identical ones")
+    basis = basis[:rank]
+    _, projection = fit_pca_whitening((x - mean) @ basis.T, min(dim or rank, rank), shrinkage)
+    return mean.to(descriptors.dtype), (projection @ basis).to(descriptors.dtype)
 
 
 def fit_learned_whitening(

@@ -1,4 +1,4 @@
-"""DELF-style keypoints: receptive fields, feature locations, selection over an image pyramid, PCA.
+"""DELF-style keypoints: receptive fields, feature locations, selection over an image pyramid.
 
 Every position of a conv feature map is a local descriptor whose location is the centre of its receptive field
 in the input image (Noh et al., ICCV 2017). Coordinates follow OpenCV (and `LocalFeatures`): `(x, y)` in
@@ -224,27 +224,3 @@ def extract_local_features(
         scores=all_scores[keep].float().cpu().numpy(),
         image_size=(int(height), int(width)),
     )
-
-
-def fit_pca(descriptors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Principal axes of `(N, D)` descriptors -> `(D,)` mean and `(dim, D)` orthonormal components.
-
-    Components are sorted by decreasing variance, each signed so that its largest-magnitude coefficient is
-    positive (the eigen-solver's sign is arbitrary), making the projection reproducible.
-    """
-    n, d = descriptors.shape
-    if not 1 <= dim <= d or n < 2:
-        raise ConfigError(f"PCA to dim={dim} needs 1 <= dim <= {d} and at least 2 descriptors, got {n}")
-    data = descriptors.double()
-    mean = data.mean(0)
-    centred = data - mean
-    _, eigenvectors = torch.linalg.eigh(centred.T @ centred / (n - 1))  # ascending eigenvalues
-    components = eigenvectors.T.flip(0)[:dim]
-    peaks = components.gather(1, components.abs().argmax(1, keepdim=True))
-    components = components * peaks.sign()
-    return mean.to(descriptors.dtype), components.to(descriptors.dtype)
-
-
-def apply_pca(descriptors: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """Project `(N, D)` descriptors on `(dim, D)` components -> `(N, dim)`, L2-normalised as DELF does."""
-    return F.normalize((descriptors - mean) @ components.T, dim=1)

@@ -20,8 +20,7 @@ from torch import nn
 
 from hetretrieval.data.sampling import image_subset, iter_images
 from hetretrieval.errors import ConfigError, DataError
-from hetretrieval.models.local.keypoints import fit_pca
-from hetretrieval.models.whitening import Whitening, fit_pca_whitening
+from hetretrieval.models.whitening import Whitening, fit_pca, fit_pca_whitening_in_span
 
 ASSIGNMENT_RATIO = (
     100.0  # mean ratio of the two largest soft-assignment weights at init (Arandjelović et al.)
@@ -93,25 +92,6 @@ def sample_local_features(feature_maps: Iterable[torch.Tensor], n_per_image: int
     if not samples:
         raise ConfigError("no feature maps to sample local features from")
     return torch.cat(samples)
-
-
-def fit_pca_whitening_in_span(descriptors: torch.Tensor, dim: int | None = None,
-                              shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fit_pca_whitening` for `N` descriptors of a large dimension `D` (e.g. VLAD, `D > N`): `(N, D)` ->
-    `mean (D,)`, `projection (d, D)`, `d = min(dim, rank)`.
-
-    The centred data spans at most `N - 1` directions: PCA-whitening is fitted on the coordinates in an
-    orthonormal basis of that span (from a thin SVD) and composed with it, never forming the `D x D` covariance.
-    """
-    x = descriptors.double()
-    mean = x.mean(0)
-    _, singular_values, basis = torch.linalg.svd(x - mean, full_matrices=False)
-    rank = int((singular_values > singular_values[0] * 1e-5).sum()) if len(singular_values) else 0
-    if rank == 0:
-        raise ConfigError(f"PCA-whitening needs descriptors that vary, got {len(x)} identical ones")
-    basis = basis[:rank]
-    _, projection = fit_pca_whitening((x - mean) @ basis.T, min(dim or rank, rank), shrinkage)
-    return mean.to(descriptors.dtype), (projection @ basis).to(descriptors.dtype)
 
 
 @dataclass(frozen=True)
