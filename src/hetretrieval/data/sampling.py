@@ -11,9 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from hetretrieval.data.datamodule import ImageFileDataset
+from hetretrieval.data.datamodule import ImageFileDataset, RetrievalDataModule
 from hetretrieval.data.datasets import RetrievalDataset
-from hetretrieval.data.images import CROP_KEY, parse_box
 from hetretrieval.errors import ConfigError
 
 IMAGE_SETS = ("database", "queries", "all")
@@ -31,10 +30,10 @@ def image_subset(dataset: RetrievalDataset, image_set: str = "database", max_ima
     return np.asarray(ids, dtype=np.int64)
 
 
-def iter_images(dataset: RetrievalDataset, ids: np.ndarray, max_size: int | None) -> Iterator[torch.Tensor]:
-    """Yield records `ids` as `(1, 3, H, W)` images in [0, 1] (resized as for extraction); unreadable ones skipped."""
-    records = [dataset.records[i] for i in ids]
-    files = ImageFileDataset([r.path for r in records], max_size, [parse_box(r.metadata.get(CROP_KEY)) for r in records])
-    for item in files:
-        if item["image"] is not None:
+def iter_images(datamodule: RetrievalDataModule, ids: np.ndarray) -> Iterator[torch.Tensor]:
+    """Yield records `ids` of a set-up datamodule as `(1, 3, H, W)` images in [0, 1], loaded as for extraction
+    (same size cap and crop boxes); images it found unreadable, or that fail to decode, are skipped."""
+    files = ImageFileDataset([r.path for r in datamodule.dataset.records], datamodule.max_size, datamodule.boxes)
+    for index in ids:
+        if datamodule.shapes[index] is not None and (item := files[int(index)])["image"] is not None:
             yield item["image"][None]

@@ -177,13 +177,13 @@ class NetVLAD(nn.Module):
 
     @torch.no_grad()
     def prepare(self, backbone: nn.Module, datamodule) -> None:
-        """Fit on the datamodule's dataset before extraction, as `preparation` says: the k-means
+        """Fit on the (set-up) datamodule's dataset before extraction, as `preparation` says: the k-means
         initialisation from local features of `backbone` (or the cache), then the database whitening."""
         options, dataset = self.preparation, datamodule.dataset
         device = self.centroids.device
 
         def feature_maps(ids):
-            for image in iter_images(dataset, ids, datamodule.max_size):
+            for image in iter_images(datamodule, ids):
                 yield backbone(image.to(device))[0]
 
         sampled = image_subset(dataset, options.image_set, options.max_images, options.seed)
