@@ -9,15 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from hetretrieval.analysis.breakdown import tag_breakdown
-from hetretrieval.analysis.results import write_run
-from hetretrieval.analysis.study import StudyPlan, variation_study
-from hetretrieval.data.datamodule import RetrievalDataModule
 from hetretrieval.data.datasets import csv_manifest, list_images
+from hetretrieval.evaluation.run_files import write_run
+from hetretrieval.evaluation.study import StudyPlan, variation_study
+from hetretrieval.extraction.batching import ImageSource
+from hetretrieval.extraction.engine import ExtractionEngine
 from hetretrieval.metrics.retrieval import evaluate_retrieval
 from hetretrieval.models.backbones import Backbone
+from hetretrieval.models.network import RetrievalNetwork
 from hetretrieval.models.pooling.heads import MAC, RMAC, SPoC
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_multirun_four_poolings_offline_wandb_then_sweep(tmp_path):
     assert (report / "per_class_map.png").stat().st_size > 1000
     # the builtin images carry per-variation strengths: class annotations derived from them are correlated
     assert (report / "correlation_heatmap.png").stat().st_size > 1000
-    with (report / "per_class_comparison.csv").open() as handle:
+    with (report / "comparison.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 3
 
 
@@ -69,23 +70,20 @@ def pacs_subset(pacs_root, tmp_path_factory):
 
 
 def test_study_on_real_pacs_images(pacs_subset):
-    backbone = Backbone("tf_efficientnet_lite0", pretrained=True)
-    rows = variation_study(pacs_subset, backbone, {"mac": MAC(), "spoc": SPoC(), "rmac": RMAC()},
-                           [StudyPlan("rotation", (0.0, 1.0))], max_size=64, queries_per_class=2)
+    network = RetrievalNetwork(Backbone("tf_efficientnet_lite0", pretrained=True),
+                               {"mac": MAC(), "spoc": SPoC(), "rmac": RMAC()})
+    rows = variation_study(pacs_subset, ExtractionEngine(network), [StudyPlan("rotation", (0.0, 1.0))],
+                           ImageSource(max_size=64), queries_per_class=2)
     assert {(r["descriptor"], r["strength"]) for r in rows} == {(d, s) for d in ("mac", "spoc", "rmac")
                                                                 for s in (0.0, 1.0)}
     assert all(r["n_queries"] == 6 and r["n_database"] == 12 and 0 < r["mAP"] <= 1 for r in rows)
 
 
 def test_domain_breakdown_of_a_real_pacs_run(pacs_subset, tmp_path):
-    backbone, head = Backbone("tf_efficientnet_lite0", pretrained=True).eval(), SPoC()
-    datamodule = RetrievalDataModule(pacs_subset, 64)
-    datamodule.setup()
-    descriptors = np.zeros((len(pacs_subset), backbone.out_channels), np.float32)
-    with torch.inference_mode():
-        for batch in datamodule.predict_dataloader():
-            descriptors[batch["index"].numpy()] = head(backbone(batch["images"])).numpy()
-    results = evaluate_retrieval(descriptors, pacs_subset, ks=(1,), top_k=5)
+    network = RetrievalNetwork(Backbone("tf_efficientnet_lite0", pretrained=True), {"spoc": SPoC()})
+    descriptors = ExtractionEngine(network).extract(pacs_subset.records, ImageSource(max_size=64)).descriptors["spoc"]
+    results = evaluate_retrieval(descriptors, pacs_subset.labels, pacs_subset.query_ids, pacs_subset.database_ids,
+                                 ks=(1,), top_k=5)
     write_run(tmp_path, pacs_subset, results, descriptors, np.ones(len(pacs_subset), bool), {}, {}, (1,))
     table = tag_breakdown(tmp_path, "domain").mean_average_precision
     assert table.index == ("photo", "sketch") and table.columns == ("photo", "sketch", "all")

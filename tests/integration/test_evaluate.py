@@ -5,16 +5,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import TINY_BUILTIN
 from hetretrieval.cli.evaluate import evaluate
 from hetretrieval.config import instantiate
-from hetretrieval.data.datamodule import RetrievalDataModule
 from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.extraction.batching import ImageSource
+from hetretrieval.extraction.engine import ExtractionEngine
 from hetretrieval.models.backbones import Backbone
-from hetretrieval.models.module import RetrievalModule
+from hetretrieval.models.network import RetrievalNetwork
 from hetretrieval.models.pooling.heads import GeM
 
 
@@ -42,18 +42,10 @@ def test_every_pooling_runs_and_writes_its_outputs(compose_eval, pooling, tmp_pa
 def test_descriptors_identical_for_batch_size_one_and_batched(compose_eval):
     cfg = compose_eval(*TINY_BUILTIN, "dataset.image_size=96", "extraction.max_size=96")
     dataset = instantiate(cfg.dataset)
-    module = RetrievalModule(Backbone("tf_efficientnet_lite0"), GeM(), scales=(1.0, 0.75)).eval()
-    described = {}
-    for batch_size in (1, 8):
-        datamodule = RetrievalDataModule(dataset, max_size=96, batch_size=batch_size)
-        datamodule.setup()
-        rows = {}
-        with torch.inference_mode():
-            for batch in datamodule.predict_dataloader():
-                for index, vector in zip(batch["index"].tolist(), module(batch["images"]), strict=True):
-                    rows[index] = vector
-        described[batch_size] = torch.stack([rows[i] for i in range(len(dataset))])
-    torch.testing.assert_close(described[1], described[8], atol=1e-5, rtol=0)
+    network = RetrievalNetwork(Backbone("tf_efficientnet_lite0"), {"gem": GeM()}, scales=(1.0, 0.75))
+    described = {batch_size: ExtractionEngine(network, batch_size=batch_size).extract(
+        dataset.records, ImageSource(max_size=96)).descriptors["gem"] for batch_size in (1, 8)}
+    np.testing.assert_allclose(described[1], described[8], atol=1e-5, rtol=0)
 
 
 def test_corrupt_and_truncated_images_are_skipped_and_reported(compose_eval, tmp_path):

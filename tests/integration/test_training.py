@@ -12,7 +12,7 @@ from omegaconf import DictConfig, open_dict
 
 from hetretrieval.cli.train import train
 from hetretrieval.config import CONFIG_DIR
-from hetretrieval.models.module import load_for_evaluation
+from hetretrieval.models.checkpoints import load_fine_tuned
 
 TINY = [
     "dataset.photos=[astronaut,coffee,chelsea,rocket]", "dataset.variants_per_class=5", "dataset.image_size=64",
@@ -58,9 +58,9 @@ def test_whitened_checkpoint_evaluates_like_the_trained_module(tmp_path, cache_d
     assert set(report["test"]) == {"fine_tuned", "fine_tuned+pca"}
     summary = json.loads((tmp_path / "run/test/tiny/fine_tuned+pca/summary.json").read_text())
     assert summary["dim"] == 8
-    module = load_for_evaluation(tmp_path / "run/checkpoints/whitened.ckpt")
+    fine_tuned = load_fine_tuned(tmp_path / "run/checkpoints/whitened.ckpt")
     images = torch.rand(2, 3, 32, 32)
-    descriptors = module(images)
+    descriptors = fine_tuned.whitening(fine_tuned.head(fine_tuned.backbone(images)))
     assert descriptors.shape == (2, 8)
     torch.testing.assert_close(descriptors.norm(dim=1), torch.ones(2))
 

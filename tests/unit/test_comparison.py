@@ -9,11 +9,12 @@ import torch
 from hetretrieval.analysis.annotations import predominance_from_tags, predominance_level
 from hetretrieval.analysis.breakdown import tag_breakdown
 from hetretrieval.analysis.comparison import best_mask, compare_runs, find_runs, run_labels
-from hetretrieval.analysis.results import load_images, load_run, write_run
+from hetretrieval.analysis.results import load_images, load_run
 from hetretrieval.analysis.retrieval_figures import best_and_worst_grids, extreme_classes, grid_rows
 from hetretrieval.data.datasets import ImageRecord, make_dataset
 from hetretrieval.data.images import save_image
 from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.evaluation.run_files import write_run
 from hetretrieval.metrics.retrieval import evaluate_retrieval
 
 # 3 classes x 2 domains; class c2's photo image is reversed in descriptor space (a domain failure).
@@ -33,7 +34,8 @@ def _write(directory: Path, images: Path, descriptor: str, noise: float):
                for i, (label, domain) in enumerate(zip(LABELS, DOMAINS, strict=True))]
     dataset = make_dataset("toy", records)
     descriptors = _descriptors(noise)
-    results = evaluate_retrieval(descriptors, dataset, ks=(1,), top_k=5)
+    results = evaluate_retrieval(descriptors, dataset.labels, dataset.query_ids, dataset.database_ids, ks=(1,),
+                                 top_k=5)
     write_run(directory, dataset, results, descriptors, np.ones(6, bool), {},
               {"descriptor": descriptor, "backbone": "toy"}, (1,))
 

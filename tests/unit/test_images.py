@@ -1,9 +1,9 @@
-"""The image loader on every PIL mode, sizes, EXIF rotation and broken files."""
+"""The image loader on every PIL mode, sizes, EXIF rotation, broken files and pixel limits."""
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from hetretrieval.data.images import ImageLoadError, load_image, read_image_size, resized_shape, to_rgb
 
@@ -62,3 +62,65 @@ def test_broken_files_raise_a_clear_error(tmp_path):
     for path in (truncated, garbage, tmp_path / "missing.jpg"):
         with pytest.raises(ImageLoadError, match=path.name):
             load_image(path)
+
+
+def _pgm_header(path, width, height):
+    """A PGM claiming `width` x `height` gray pixels but holding none: cheap, and opened from its header."""
+    path.write_bytes(b"P5\n%d %d\n255\n" % (width, height))
+    return path
+
+
+def test_a_196_megapixel_scan_is_read(tmp_path):
+    path = _pgm_header(tmp_path / "scan.pgm", 14000, 14000)  # Pillow's own check refuses it (> 179 MP)
+    assert read_image_size(path) == (14000, 14000)
+
+
+def test_max_pixels_refuses_from_the_header(tmp_path):
+    huge = _pgm_header(tmp_path / "huge.pgm", 20000, 20000)
+    for read in (read_image_size, load_image):
+        with pytest.raises(ImageLoadError, match=r"pgm: 20000x20000 is 400,000,000 .*raise extraction.max_pixels"):
+            read(huge)
+    assert read_image_size(huge, max_pixels=None) == (20000, 20000)
+    assert read_image_size(huge, max_pixels=400_000_000) == (20000, 20000)
+    small = _save(tmp_path, Image.new("RGB", (100, 50)), "small.png")
+    with pytest.raises(ImageLoadError, match="5,000 pixels"):
+        load_image(small, max_pixels=4999)
+    assert load_image(small, max_pixels=5000).shape == (3, 50, 100)
+
+
+def test_pillow_bomb_check_never_escapes(tmp_path, monkeypatch):
+    path = _save(tmp_path, Image.new("RGB", (40, 40)), "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as if something re-enabled Pillow's global check
+    for read in (read_image_size, load_image):
+        with pytest.raises(ImageLoadError, match="DecompressionBomb"):
+            read(path, max_pixels=None)
+
+
+def test_jpeg_crop_decoded_reduced(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(Image.fromarray(rng.integers(0, 255, (81, 101, 3), np.uint8)).resize((2003, 1601)))
+    jpeg = _save(tmp_path, Image.fromarray(pixels), "big.jpg")
+    png = _save(tmp_path, Image.open(jpeg), "big.png")  # the same decoded pixels, never drafted
+    reductions = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def draft(image, mode, size):
+        width = image.width
+        drafted = original_draft(image, mode, size)
+        reductions.append(width / drafted[1][2])
+        return drafted
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    box = (401.3, 299.6, 1603.0, 1297.0)
+    reduced, reference = load_image(jpeg, 150, box), load_image(png, 150, box)
+    assert reductions == [8.0] and reduced.shape == reference.shape == (3, 124, 150)
+    shifted = load_image(png, 150, (box[0] + 4, box[1], box[2] + 4, box[3]))  # by half an output pixel
+    assert (reduced - reference).abs().mean() < 0.015 < 0.03 < (reduced - shifted).abs().mean()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(rotated, exif=exif)
+    reductions.clear()  # not drafted: the box would not map exactly onto a flipped axis
+    assert load_image(rotated, 150, box).shape == (3, *resized_shape(*read_image_size(rotated, box), 150))
+    assert reductions == []

@@ -1,15 +1,16 @@
-"""RetrievalModule's fit path on a toy backbone: losses over both batch layouts, frozen BN, whitening state."""
+"""FineTuningModule's fit path on a toy backbone: losses over both batch layouts, frozen BN, whitening state."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from hetretrieval.models.module import RetrievalModule, whitening_from_state
+from hetretrieval.models.checkpoints import whitening_from_state
 from hetretrieval.models.pooling.heads import GeM
 from hetretrieval.models.whitening import Whitening
 from hetretrieval.training.losses import ContrastiveLoss, TripletLoss
 from hetretrieval.training.mining import TripletMiner
+from hetretrieval.training.module import FineTuningModule
 
 
 def _backbone() -> nn.Module:
@@ -18,10 +19,10 @@ def _backbone() -> nn.Module:
 
 
 def test_training_step_takes_tuple_batches_and_mined_flat_batches():
-    tuples = RetrievalModule(_backbone(), GeM(), loss=ContrastiveLoss())
+    tuples = FineTuningModule(_backbone(), GeM(), loss=ContrastiveLoss())
     loss = tuples.training_step({"images": torch.rand(2, 4, 3, 16, 16)}, 0)
     assert loss.ndim == 0 and loss.requires_grad
-    flat = RetrievalModule(_backbone(), GeM(), loss=TripletLoss(), miner=TripletMiner("batch_hard"))
+    flat = FineTuningModule(_backbone(), GeM(), loss=TripletLoss(), miner=TripletMiner("batch_hard"))
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     loss = flat.training_step({"images": torch.rand(6, 3, 16, 16), "labels": labels}, 0)
     loss.backward()
@@ -29,14 +30,14 @@ def test_training_step_takes_tuple_batches_and_mined_flat_batches():
 
 
 def test_frozen_batchnorm_keeps_its_statistics():
-    module = RetrievalModule(_backbone(), GeM(), freeze_batchnorm=True).train()
+    module = FineTuningModule(_backbone(), GeM(), freeze_batchnorm=True).train()
     batchnorm = module.backbone[1]
     assert module.training and module.backbone[0].training and not batchnorm.training
     before = batchnorm.running_mean.clone()
     module.describe_for_training(torch.rand(4, 3, 16, 16))
     torch.testing.assert_close(batchnorm.running_mean, before)
-    assert RetrievalModule(_backbone(), GeM()).train().backbone[1].training
-    fresh = RetrievalModule(_backbone(), GeM(), freeze_batchnorm=True)  # never put in train mode by the caller
+    assert FineTuningModule(_backbone(), GeM()).train().backbone[1].training
+    fresh = FineTuningModule(_backbone(), GeM(), freeze_batchnorm=True)  # never put in train mode by the caller
     fresh.trainer = None
     fresh.on_train_epoch_start()
     assert not fresh.backbone[1].training
@@ -44,10 +45,12 @@ def test_frozen_batchnorm_keeps_its_statistics():
 
 def test_whitening_is_the_last_layer_and_rebuilt_from_a_state_dict():
     whitening = Whitening(torch.zeros(8), torch.eye(8)[:3])
-    module = RetrievalModule(_backbone(), GeM(), whitening=whitening).eval()
-    descriptors = module(torch.rand(2, 3, 16, 16))
+    module = FineTuningModule(_backbone(), GeM(), whitening=whitening).eval()
+    images = torch.rand(2, 3, 16, 16)
+    descriptors = module.describe_for_training(images)
     assert descriptors.shape == (2, 3) and module.descriptor_name == "gem+whitening"
+    torch.testing.assert_close(module.engine().network(images)["gem"], descriptors)  # evaluation describes alike
     rebuilt = whitening_from_state(module.state_dict())
     rebuilt.load_state_dict(whitening.state_dict())
     assert (rebuilt.in_features, rebuilt.out_features) == (8, 3)
-    assert whitening_from_state(RetrievalModule(_backbone(), GeM()).state_dict()) is None
+    assert whitening_from_state(FineTuningModule(_backbone(), GeM()).state_dict()) is None

@@ -1,13 +1,20 @@
-"""Revisitop helpers that need no real data: layout, query crops, download failure, malformed pickles."""
+"""Revisitop helpers without real data: layout, query crops, download failure, malformed and hostile gnd."""
 
 import pickle
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from hetretrieval.data.revisitop import crop_to_bbx, download_revisitop, image_path, load_revisitop
+from hetretrieval.data.revisitop import (
+    crop_to_bbx,
+    download_revisitop,
+    image_path,
+    load_revisitop,
+    revisitop_dataset,
+)
 from hetretrieval.errors import ConfigError, DataError
 
 
@@ -72,3 +79,65 @@ def test_truncated_pickle(tmp_path):
     (tmp_path / "gnd_roxford5k.pkl").write_bytes(pickle.dumps({"imlist": []})[:-3])
     with pytest.raises(DataError, match="not a valid"):
         load_revisitop(tmp_path, "roxford5k")
+
+
+class _Call:
+    """Pickles as the call `function(*args)`: what a crafted ground-truth file may hold."""
+
+    def __init__(self, function, *args, state=None):
+        self.function, self.args, self.state = function, args, state
+
+    def __reduce__(self):
+        return (self.function, self.args) if self.state is None else (self.function, self.args, self.state)
+
+
+def _gnd(tmp_path, extra):
+    payload = {"imlist": ["a"], "qimlist": ["q"], "extra": extra,
+               "gnd": [{"bbx": np.array([0.0, 0, 1, 1]), "easy": np.array([0]), "hard": [], "junk": []}]}
+    (tmp_path / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(payload, protocol=4))
+
+
+_MEGABYTE = b"x" * (1 << 20)
+_ARRAY_STATE = np.arange(1 << 17).__reduce__()[2]  # 1 MB of int64
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        _Call(bytearray, 1 << 60),  # a few bytes of pickle asking for an exbibyte
+        _Call(bytes, 1 << 60),
+        _Call(np.ndarray, (1 << 40,)),
+        [_Call(bytearray, _MEGABYTE) for _ in range(80)],  # one megabyte of the file, copied 80 times
+        [_Call(np.ndarray, (0,), state=_ARRAY_STATE) for _ in range(80)],  # one array's state fills 80 arrays
+    ],
+    ids=["bytearray", "bytes", "ndarray", "copies", "array-fillings"],
+)
+def test_ground_truth_cannot_ask_for_unbounded_memory(tmp_path, extra):
+    _gnd(tmp_path, extra)
+    with pytest.raises(DataError, match=r"asks for more than 67,108,864 bytes"):
+        load_revisitop(tmp_path, "roxford5k")
+
+
+def test_allowed_globals_cannot_be_rewritten(tmp_path):
+    # ndarray, then BUILD {"shape_at": None}: its calls would no longer be charged for their shape
+    crafted = b"\x80\x04cnumpy\nndarray\n}\x8c\x08shape_atNsb."
+    (tmp_path / "gnd_roxford5k.pkl").write_bytes(crafted)
+    with pytest.raises(DataError, match="cannot be modified"):
+        load_revisitop(tmp_path, "roxford5k")
+
+
+def test_ground_truth_with_numpy_arrays_and_small_calls_loads(tmp_path):
+    _gnd(tmp_path, [bytearray(b"ab"), {1, 2}, frozenset({3}), complex(1, 2), np.int64(4)])
+    (query,) = load_revisitop(tmp_path, "roxford5k").queries
+    assert query.bbx == (0.0, 0.0, 1.0, 1.0) and query.easy.tolist() == [0] and type(query.easy) is np.ndarray
+
+
+def test_revisitop_dataset_records_absolute_paths(tmp_path, monkeypatch):
+    root = tmp_path / "roxford"
+    (root / "jpg").mkdir(parents=True)
+    _gnd(root, None)
+    for name in ("a", "q"):
+        Image.new("RGB", (4, 4)).save(image_path(root, name))
+    monkeypatch.chdir(tmp_path)
+    dataset = revisitop_dataset("roxford", "roxford5k")
+    assert [r.path for r in dataset.records] == [root / "jpg" / "q.jpg", root / "jpg" / "a.jpg"]

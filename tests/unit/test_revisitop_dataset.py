@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from hetretrieval.data.datamodule import RetrievalDataModule
 from hetretrieval.data.images import CROP_KEY, clip_box, load_image, parse_box, read_image_size, save_image
 from hetretrieval.data.revisitop import revisitop_dataset
 from hetretrieval.errors import DataError
+from hetretrieval.extraction.batching import ImagePlan, ImageSource
+from hetretrieval.extraction.engine import ExtractionEngine
 from hetretrieval.metrics.revisited import evaluate_revisited, rank_database, revisited_summary
+from hetretrieval.models.local.orb import OrbExtractor
 
 
 def _write_gnd(root, imlist, qimlist, gnd):
@@ -48,10 +50,9 @@ def test_revisitop_dataset_and_cropped_queries(tiny_root):
     dataset = revisitop_dataset(tiny_root, "roxford5k", crop_queries=True)
     assert dataset.query_ids.tolist() == [0] and dataset.database_ids.tolist() == [1, 2, 3]
     assert dataset.records[0].metadata[CROP_KEY] == "2.0,4.0,12.4,10.0"
-    datamodule = RetrievalDataModule(dataset, max_size=None)
-    datamodule.setup()
-    assert datamodule.shapes == [(6, 10), (20, 30), (20, 30), (20, 30)]
-    batches = list(datamodule.predict_dataloader())
+    plan = ImagePlan.scan(dataset.records, ImageSource(max_size=None))
+    assert plan.shapes == [(6, 10), (20, 30), (20, 30), (20, 30)]
+    batches = list(ExtractionEngine(None, {"orb": OrbExtractor()}, batch_size=16).loader(dataset.records, plan))
     assert sorted(tuple(b["images"].shape[-2:]) for b in batches) == [(6, 10), (20, 30)]
     assert CROP_KEY not in revisitop_dataset(tiny_root, "roxford5k", crop_queries=False).records[0].metadata
 

@@ -5,7 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from hetretrieval.analysis.study import (
+from hetretrieval.data.datasets import ImageRecord, make_dataset
+from hetretrieval.data.images import save_image
+from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.evaluation.study import (
     PRESETS,
     StudyPlan,
     describe_varied,
@@ -13,10 +16,9 @@ from hetretrieval.analysis.study import (
     variation_study,
     write_study,
 )
-from hetretrieval.data.datamodule import RetrievalDataModule
-from hetretrieval.data.datasets import ImageRecord, make_dataset
-from hetretrieval.data.images import save_image
-from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.extraction.batching import ImageSource
+from hetretrieval.extraction.engine import ExtractionEngine
+from hetretrieval.models.network import RetrievalNetwork
 from hetretrieval.models.pooling.heads import MAC, SPoC
 
 
@@ -69,18 +71,20 @@ def test_one_clean_forward_per_image_and_one_per_varied_strength(dataset):
     varied = np.zeros(len(dataset), dtype=bool)
     varied[[0, 3]] = True
     plans = [(StudyPlan("grayscale", (0.0, 1.0)), varied), (StudyPlan("occlusion", (0.0, 0.5, 1.0)), varied)]
-    out, valid = describe_varied(backbone, {"mac": MAC(), "spoc": SPoC()}, RetrievalDataModule(dataset, 16), plans)
-    assert valid.all() and backbone.seen == 9 + 2 * (1 + 2)
-    clean, gray = out[("grayscale", "queries", 0.0)], out[("grayscale", "queries", 1.0)]
+    engine = ExtractionEngine(RetrievalNetwork(backbone, {"mac": MAC(), "spoc": SPoC()}), batch_size=16)
+    keys, extraction = describe_varied(engine, dataset, ImageSource(max_size=None), plans)
+    assert extraction.valid.all() and backbone.seen == 9 + 2 * (1 + 2)
+    clean, gray = ({head: extraction.descriptors[key] for head, key in keys[condition].items()}
+                   for condition in [("grayscale", "queries", 0.0), ("grayscale", "queries", 1.0)])
     assert np.array_equal(np.delete(gray["mac"], [0, 3], axis=0), np.delete(clean["mac"], [0, 3], axis=0))
     # a grayscale image has equal channels: its L2-normalised SPoC descriptor is (1, 1, 1) / sqrt(3)
     assert gray["spoc"][0] == pytest.approx(np.full(3, 3 ** -0.5), abs=1e-5)
 
 
 def test_grayscale_kills_colour_only_retrieval(dataset, tmp_path):
-    rows = variation_study(dataset, CountingBackbone(), {"spoc": SPoC()}, [StudyPlan("grayscale", (0.0, 1.0)),
-                                                                           PRESETS["grayscale"]],
-                           max_size=16, queries_per_class=1)
+    engine = ExtractionEngine(RetrievalNetwork(CountingBackbone(), {"spoc": SPoC()}), batch_size=32)
+    rows = variation_study(dataset, engine, [StudyPlan("grayscale", (0.0, 1.0)), PRESETS["grayscale"]],
+                           ImageSource(max_size=16), queries_per_class=1)
     by_condition = {(r["apply_to"], r["strength"]): r for r in rows}
     assert by_condition[("queries", 0.0)]["mAP"] == 1.0 and by_condition[("all", 0.0)]["mAP"] == 1.0
     assert by_condition[("queries", 1.0)]["n_database"] == 6 and by_condition[("all", 1.0)]["n_database"] == 9

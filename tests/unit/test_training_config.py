@@ -12,7 +12,7 @@ from hetretrieval.training.datamodule import ClassBalancedBatches, EpochTuples
 from hetretrieval.training.losses import ContrastiveLoss, TripletLoss
 from hetretrieval.training.mining import TripletMiner
 from hetretrieval.training.optimization import OptimizerOptions
-from hetretrieval.training.whitening import WhiteningOptions
+from hetretrieval.training.whitening_fit import WhiteningOptions
 
 
 def _compose(*overrides: str):

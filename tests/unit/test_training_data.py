@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from hetretrieval.data.datasets import ImageRecord, make_dataset
+from hetretrieval.data.images import square_crop
 from hetretrieval.errors import ConfigError
 from hetretrieval.training.augmentation import VariationAugmentation
-from hetretrieval.training.datamodule import NumberedBatches, holdout_split, square_crop
-from hetretrieval.training.evaluation import retrieval_metrics
+from hetretrieval.training.datamodule import NumberedBatches, holdout_split
+from hetretrieval.training.module import validation_metrics
 
 
 def _records(per_stratum: int = 5):
@@ -69,13 +70,13 @@ def test_augmentation_is_reproducible_per_draw_and_identity_at_probability_zero(
         VariationAugmentation({"sepia": 1.5})
 
 
-def test_retrieval_metrics_break_map_down_per_domain_pair():
+def test_validation_metrics_break_map_down_per_domain_pair():
     # One dog and one cat per domain; the art cat is nearer the photo dog than the photo cat.
     records = [ImageRecord(Path(f"{i}.png"), c, {"domain": d})
                for i, (d, c) in enumerate([("photo", "dog"), ("photo", "cat"), ("art", "dog"), ("art", "cat")])]
     dataset = make_dataset("toy", records)
     descriptors = np.array([[1, 0], [0.6, 0.8], [1, 0], [0.96, 0.28]], dtype=np.float32)
-    metrics = retrieval_metrics(descriptors, np.ones(4, bool), dataset, ks=(1,))
+    metrics = validation_metrics(descriptors, np.ones(4, bool), dataset, ks=(1,))
     assert metrics["mAP/art->photo"] == pytest.approx((1.0 + 0.5) / 2)  # art cat finds the photo cat 2nd
     assert metrics["mAP/photo->art"] == pytest.approx(1.0)
     assert "mAP/art->art" not in metrics  # no positive within a domain

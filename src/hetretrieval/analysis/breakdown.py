@@ -13,7 +13,6 @@ import numpy as np
 
 from hetretrieval.analysis.correlation import Table
 from hetretrieval.analysis.results import load_images
-from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.metrics.retrieval import evaluate_retrieval
 
@@ -48,7 +47,8 @@ def tag_breakdown(directory: str | Path, tag: str, max_batch_entries: int = 1 <<
         raise DataError(f"'{directory}': descriptors.npy has {len(descriptors)} rows for {len(images.records)} images")
     columns = (*database_values, ANY_TAG)
     tags = np.array([r.metadata.get(tag) for r in images.records], dtype=object)
-    labelled = np.array([r.label is not None for r in images.records])
+    labels = [r.label for r in images.records]
+    labelled = np.array([label is not None for label in labels])
     mean_ap = np.full((len(values), len(columns)), np.nan)
     counts = np.zeros((len(values), len(columns)))
     for row, query_value in enumerate(values):
@@ -57,9 +57,8 @@ def tag_breakdown(directory: str | Path, tag: str, max_batch_entries: int = 1 <<
             in_database = images.database & ((tags == database_value) if database_value != ANY_TAG else True)
             if not in_database.any():
                 continue
-            dataset = RetrievalDataset(directory.name, images.records, query_ids, np.flatnonzero(in_database))
-            results = evaluate_retrieval(descriptors, dataset, images.described, ks=(1,), top_k=1,
-                                         max_batch_entries=max_batch_entries)
+            results = evaluate_retrieval(descriptors, labels, query_ids, np.flatnonzero(in_database),
+                                         images.described, ks=(1,), top_k=1, max_batch_entries=max_batch_entries)
             mean_ap[row, column] = results.mean_average_precision
             counts[row, column] = int(results.evaluated.sum())
     index_name = f"query {tag}"

@@ -7,6 +7,7 @@ and correlated without re-extracting a single image.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from hetretrieval.analysis.correlation import (
 from hetretrieval.analysis.results import SUMMARY, SavedRun, load_images, load_run
 from hetretrieval.analysis.tables import format_markdown_table
 from hetretrieval.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 AVERAGE = "Avg"
 HIGHLIGHTED = 3  # the paper bolds the best three descriptors of each class
@@ -157,11 +160,11 @@ class Comparison:
         return "\n".join(parts) + "\n"
 
     def write(self, output_dir: str | Path) -> dict[str, Path]:
-        """Write comparison.md, per_class_comparison.csv, per_class_map.png and, annotated, correlations.csv,
-        correlation_pearson.csv and correlation_heatmap.png; returns the paths by name."""
+        """Write comparison.md, comparison.csv (Table 3: per-class mAP of every run), per_class_map.png and,
+        annotated, correlations.csv, correlation_pearson.csv and correlation_heatmap.png; returns the paths."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        paths = {"markdown": output_dir / "comparison.md", "per_class_csv": output_dir / "per_class_comparison.csv"}
+        paths = {"markdown": output_dir / "comparison.md", "per_class_csv": output_dir / "comparison.csv"}
         paths["markdown"].write_text(self.markdown(), encoding="utf-8")
         rows = self.class_rows()
         columns = list(rows[0])
@@ -218,7 +221,7 @@ def tag_predominance(directory: str | Path, required: bool = True) -> VariationP
 def compare_runs(paths: Sequence[str | Path], annotations: str | Path | None = "auto",
                  n_resamples: int = 10_000, seed: int = 0) -> Comparison:
     """Load the runs under `paths`, tabulate their per-class mAP and correlate it with the class annotations."""
-    runs = tuple(load_run(path) for path in find_runs(paths))
+    runs = tuple(_readable_runs(find_runs(paths)))
     labels = tuple(run_labels(runs))
     per_class = per_class_map(runs, labels)
     predominance = resolve_annotations(annotations, runs[0])
@@ -228,3 +231,16 @@ def compare_runs(paths: Sequence[str | Path], annotations: str | Path | None = "
         finite_classes = [c for c, line in zip(per_class.index, per_class.values, strict=True) if np.isfinite(line).all()]
         correlations = tuple(correlate(scores, per_class.select(index=finite_classes), n_resamples, seed=seed))
     return Comparison(labels, runs, per_class, predominance, correlations)
+
+
+def _readable_runs(directories: Sequence[Path]) -> list[SavedRun]:
+    """Every run that reads back; a broken one (cut short by a kill or a full disk) is named and skipped."""
+    runs = []
+    for directory in directories:
+        try:
+            runs.append(load_run(directory))
+        except DataError as error:
+            log.warning("skipping %s", error)
+    if not runs:
+        raise DataError(f"none of the {len(directories)} run directories could be read")
+    return runs

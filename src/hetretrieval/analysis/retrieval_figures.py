@@ -6,6 +6,7 @@ does best and worst, so the failure modes behind a low class mAP can be seen.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from hetretrieval.analysis.figures import save_figure
 from hetretrieval.analysis.results import NEIGHBOURS, load_images, load_run
 from hetretrieval.data.images import ImageLoadError, load_image
 from hetretrieval.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 RELEVANT_COLOUR = (0.1, 0.7, 0.1)
 IRRELEVANT_COLOUR = (0.85, 0.1, 0.1)
@@ -63,7 +66,12 @@ def grid_rows(directory: str | Path, classes: Sequence[str], top_k: int = 5) -> 
 
 
 def draw_grid(rows: Sequence[GridRow], path: str | Path, title: str | None = None, thumbnail: int = 160) -> Path:
-    """Save the grid as a PNG: one line per row, the query (blue border) then its results."""
+    """Save the grid as a PNG: one line per row, the query (blue border) then its results.
+
+    An image that cannot be read is drawn as 'unreadable', and one warning says how many and names the first,
+    so that a run whose paths no longer lead to its images (moved, or relative to another directory) does not
+    silently give a grid of blanks.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -73,30 +81,40 @@ def draw_grid(rows: Sequence[GridRow], path: str | Path, title: str | None = Non
     figure = Figure(figsize=(1.6 * n_columns, 1.8 * len(rows)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), n_columns, squeeze=False)
+    unreadable = []
     for line, row in zip(axes, rows, strict=True):
         cells = [(row.query_path, (0.1, 0.3, 0.9), f"{row.label}\nAP {row.average_precision:.2f}")]
         cells += [(p, RELEVANT_COLOUR if ok else IRRELEVANT_COLOUR, f"#{rank}")
                   for rank, (p, ok) in enumerate(zip(row.result_paths, row.relevant, strict=True), start=1)]
         for ax, (image_path, colour, caption) in zip(line, cells, strict=False):
-            _show(ax, image_path, thumbnail)
+            error = _show(ax, image_path, thumbnail)
+            if error is not None:
+                unreadable.append(error)
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
             ax.set_title(caption, fontsize=7)
         for ax in line[len(cells):]:
             ax.axis("off")
+    if unreadable:
+        log.warning("%s: %d of the %d grid images could not be read, drawn as 'unreadable' (first: %s)",
+                    path, len(unreadable), sum(1 + len(r.result_paths) for r in rows), unreadable[0])
     if title:
         figure.suptitle(title)
     return save_figure(figure, path, dpi=110)
 
 
-def _show(ax, image_path: Path, thumbnail: int) -> None:
+def _show(ax, image_path: Path, thumbnail: int) -> ImageLoadError | None:
+    """Draw one thumbnail; returns why, if the image could not be read."""
+    error = None
     try:
         ax.imshow(load_image(image_path, thumbnail).permute(1, 2, 0).numpy())
-    except ImageLoadError:
+    except ImageLoadError as unreadable:
         ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+        error = unreadable
     ax.set_xticks([])
     ax.set_yticks([])
+    return error
 
 
 def best_and_worst_grids(directory: str | Path, output_dir: str | Path, n_classes: int = 3,

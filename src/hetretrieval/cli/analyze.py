@@ -111,27 +111,45 @@ def figures(cfg: DictConfig, output_dir: Path) -> dict[str, Path]:
 
 
 def study(cfg: DictConfig, output_dir: Path) -> dict[str, Path]:
-    """Controlled variation study on `cfg.dataset`: mAP vs strength for every pooling, one variation at a time."""
-    from hetretrieval.analysis.study import PRESETS, StudyPlan, variation_study, write_study
+    """Controlled variation study on `cfg.dataset`: mAP vs strength for every head of `heads` (options of the
+    `pooling` group, as `hetretrieval-eval heads=[...]`), one variation at a time."""
+    from hetretrieval.config import ExtractionOptions, compose_option, typed
+    from hetretrieval.evaluation.scoring import LocalScoring
+    from hetretrieval.evaluation.study import PRESETS, StudyPlan, variation_study, write_study
+    from hetretrieval.extraction.batching import ImagePlan, ImageSource
+    from hetretrieval.extraction.engine import ExtractionEngine, default_device
+    from hetretrieval.index.local import LocalSearchOptions
+    from hetretrieval.models.factory import build_head
+    from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS
+    from hetretrieval.models.network import RetrievalNetwork
 
     options = cfg.study
+    extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
+    local_search = typed(OmegaConf.create(OmegaConf.to_container(cfg.local_search, resolve=True)),
+                         LocalSearchOptions, "local_search")
     if options.preset is not None:
         if options.preset not in PRESETS:
             raise ConfigError(f"unknown study preset '{options.preset}'; choose one of {sorted(PRESETS)}")
         plans = [PRESETS[options.preset]]
     else:
         plans = [StudyPlan(v, tuple(options.strengths), options.apply_to) for v in options.variations]
+    nodes = {str(name): compose_option("pooling", str(name), cfg) for name in cfg.heads}
+    verifier = instantiate(cfg.verification)
     dataset = instantiate(cfg.dataset)
     backbone = instantiate(cfg.backbone)
-    heads = {}
-    for name in options.poolings:
-        path = CONFIG_DIR / "pooling" / f"{name}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown pooling '{name}' (no {path})")
-        head = instantiate(OmegaConf.load(path))
-        heads[getattr(head, "name", name)] = head
-    rows = variation_study(dataset, backbone, heads, plans, options.max_size, options.batch_size,
-                           options.queries_per_class, cfg.seed)
+    heads = {name: build_head(node, backbone) for name, node in nodes.items()}
+    global_heads = {n: h for n, h in heads.items() if not isinstance(h, LOCAL_EXTRACTORS)}
+    local = {n: h for n, h in heads.items() if isinstance(h, LOCAL_EXTRACTORS)}
+    source = ImageSource(extraction.max_size, extraction.max_pixels)
+    network = RetrievalNetwork(backbone, global_heads, extraction.scales) if global_heads else None
+    engine = ExtractionEngine(network, local, extraction.batch_size, extraction.num_workers).to(default_device())
+    plan = ImagePlan.scan(dataset.records, source)
+    for head in global_heads.values():
+        if hasattr(head, "prepare"):  # NetVLAD: k-means on the clean database before the study
+            head.prepare(lambda ids: engine.feature_maps(dataset.records, plan, ids), dataset, source.max_size)
+    rows = variation_study(dataset, engine, plans, plan, options.queries_per_class, cfg.seed,
+                           local_scoring=LocalScoring(verifier, local_search),
+                           pca_dims={n: getattr(h, "pca_dim", None) for n, h in local.items()})
     print(format_table(rows, ["variation", "apply_to", "strength", "descriptor", "n_queries", "mAP", "mP@1"]))
     name = f"study_{options.preset}" if options.preset else "study"
     return write_study(rows, output_dir, name)

@@ -1,4 +1,10 @@
-"""`hetretrieval-eval`: off-the-shelf retrieval evaluation of backbone x pooling x dataset (Hydra entry point)."""
+"""`hetretrieval-eval`: off-the-shelf retrieval evaluation of backbone x heads x dataset (Hydra entry point).
+
+`pooling=gem` evaluates one head; `heads=[mac,spoc,gem,rmac]` (options of the `pooling` group, local `delf` and
+`orb` included) runs the backbone once per image and evaluates every head. Descriptors come from the store
+when nothing that determines them changed (`cache=false` turns it off); `from_run=<run dir>` re-scores a
+run's saved descriptors with other evaluation settings, without a model.
+"""
 
 from __future__ import annotations
 
@@ -8,93 +14,186 @@ import warnings
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from hetretrieval.callbacks.evaluation import RetrievalEvaluation
-from hetretrieval.callbacks.local_evaluation import LocalRetrievalEvaluation
-from hetretrieval.config import CONFIG_DIR, EvaluationOptions, ExtractionOptions, instantiate, typed
-from hetretrieval.data.datamodule import RetrievalDataModule
+from hetretrieval.config import (
+    CONFIG_DIR,
+    EvaluationOptions,
+    ExtractionOptions,
+    compose_option,
+    instantiate,
+    typed,
+)
 from hetretrieval.errors import ConfigError, HetRetrievalError
-from hetretrieval.index.local import LocalSearchOptions
-from hetretrieval.models.factory import build_head
-from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS, LocalFeatureModule
-from hetretrieval.models.module import RetrievalModule, load_for_evaluation
 
 log = logging.getLogger(__name__)
 
 
-def build_loggers(cfg: DictConfig, run_name: str) -> list:
-    """Instantiate every logger of the `logger` group; W&B runs are named after the descriptor and dataset."""
-    loggers = []
-    for node in (cfg.get("logger") or {}).values():
-        is_wandb = node.get("_target_", "").endswith("WandbLogger")
-        loggers.append(instantiate(node, **({"name": run_name} if is_wandb and not node.get("name") else {})))
-    return loggers
+def head_nodes(cfg: DictConfig) -> dict[str | None, DictConfig]:
+    """The heads to evaluate by option name: `heads=[...]` composed from the `pooling` group (the `pooling=`
+    option keeps its command-line overrides, e.g. `heads=[mac,gem] pooling=gem pooling.p=4`), else the one
+    `pooling` node (named later, after its option)."""
+    chosen = cfg.pooling
+    names = [str(name) for name in cfg.get("heads") or []]
+    if not names:
+        return {None: chosen}
+    if len(set(names)) != len(names):
+        raise ConfigError(f"heads lists a head twice: {names}")
+    nodes = {}
+    for name in names:
+        node = compose_option("pooling", name, cfg)
+        nodes[name] = chosen if node.get("_target_") == chosen.get("_target_") else node
+    return nodes
 
 
-def finish_loggers(loggers: list) -> None:
-    """Close W&B runs so that each run of a multirun is its own, complete W&B run."""
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-            logger.experiment.finish()
+def _pooling_choice(head) -> str:
+    """The `pooling=` option of a single-head run (Hydra's choice), else the head's own name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return str(HydraConfig.get().runtime.choices["pooling"])
+    except ValueError:  # composed outside a Hydra run (tests, notebooks)
+        return str(getattr(head, "name", "head"))
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Build everything from the config (failing fast on bad values), extract, evaluate; returns the summary."""
+def evaluate(cfg: DictConfig) -> dict | None:
+    """Validate every option, claim the output folder, then describe (or re-use) and evaluate.
+
+    Returns the summary of the single head, or `{head: summary}` with several heads; None in the launching
+    process of a spawned DDP run (rank 0 evaluates and writes the files there).
+    """
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
-    pl.seed_everything(cfg.seed, workers=True)
+    from hetretrieval.evaluation.run_files import claim_output_dir, release_output_dir
+
+    output_dir = claim_output_dir(cfg.paths.output_dir)
+    try:
+        if cfg.get("from_run"):
+            from hetretrieval.evaluation.rescore import rescore_run
+
+            return rescore_run(cfg.from_run, output_dir, evaluation, cfg)
+        summaries = _describe_and_evaluate(cfg, extraction, evaluation, output_dir)
+    finally:
+        release_output_dir(output_dir)
+    if summaries is None:
+        return None
+    return next(iter(summaries.values())) if len(summaries) == 1 else summaries
+
+
+def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluation: EvaluationOptions,
+                           output_dir: Path) -> dict | None:
+    import pytorch_lightning as pl
+
+    from hetretrieval.evaluation.run import RunEvaluation
+    from hetretrieval.evaluation.scoring import LocalScoring
+    from hetretrieval.extraction.batching import ImagePlan, ImageSource
+    from hetretrieval.extraction.engine import ExtractionEngine, default_device
+    from hetretrieval.extraction.lightning import ExtractionModule
+    from hetretrieval.extraction.store import CachedHeads, DescriptorStore, extraction_fingerprint
+    from hetretrieval.index.local import LocalSearchOptions
+    from hetretrieval.models.checkpoints import load_fine_tuned
+    from hetretrieval.models.factory import build_head
+    from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS
+    from hetretrieval.models.network import RetrievalNetwork
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    nodes = head_nodes(cfg)
+    rerank = cfg.get("rerank")
+    local_search = typed(OmegaConf.create(OmegaConf.to_container(cfg.local_search, resolve=True)),
+                         LocalSearchOptions, "local_search")
+    verifier = instantiate(cfg.verification)
     dataset = instantiate(cfg.dataset)
-    datamodule = RetrievalDataModule(dataset, extraction.max_size, extraction.batch_size, extraction.num_workers)
+    source = ImageSource(options.max_size, options.max_pixels)
+    whitening = {}
     if cfg.get("checkpoint"):  # a fine-tuned model from hetretrieval-train (backbone/pooling groups unused)
-        module = load_for_evaluation(cfg.checkpoint, extraction.scales)
+        if cfg.get("heads"):
+            raise ConfigError("checkpoint= evaluates the fine-tuned head it holds: drop heads=[...]")
+        fine_tuned = load_fine_tuned(cfg.checkpoint)
+        backbone, name = fine_tuned.backbone, fine_tuned.architecture["head"]["name"]
+        built = {name: fine_tuned.head}
+        whitening = {name: fine_tuned.whitening}
+        nodes = {name: OmegaConf.create(fine_tuned.architecture["head"])}
     else:
         backbone = instantiate(cfg.backbone)
-        head = build_head(cfg.pooling, backbone)
-        module = head if isinstance(head, LOCAL_EXTRACTORS) else RetrievalModule(backbone, head, extraction.scales)
-        if hasattr(head, "prepare"):  # data-initialised heads (NetVLAD) learn from the images before extraction
-            datamodule.setup()
-            head.prepare(backbone.eval(), datamodule)
-    output_dir = Path(cfg.paths.output_dir)
-    rerank = cfg.get("rerank")
-    if isinstance(module, LOCAL_EXTRACTORS) or rerank:
-        search = typed(OmegaConf.create(OmegaConf.to_container(cfg.local_search, resolve=True)),
-                       LocalSearchOptions, "local_search")
-        if rerank and isinstance(module, LOCAL_EXTRACTORS):
-            raise ConfigError(f"rerank re-ranks a global descriptor's ranking, not pooling={module.name}")
-        if rerank:
-            module = LocalFeatureModule(build_head(rerank.local, module.backbone), global_module=module)
+        built = {name: build_head(node, backbone) for name, node in nodes.items()}
+        if None in built:
+            head = built.pop(None)
+            built[_pooling_choice(head)] = head
+            nodes = {name: nodes[None] for name in built}
+    global_heads = {n: h for n, h in built.items() if not isinstance(h, LOCAL_EXTRACTORS)}
+    local = {n: h for n, h in built.items() if isinstance(h, LOCAL_EXTRACTORS)}
+    if rerank and local:
+        raise ConfigError(f"rerank re-ranks a global descriptor's ranking, not pooling={', '.join(local)}")
+    rerank_name = None
+    if rerank:
+        reranker = build_head(rerank.local, backbone)
+        rerank_name = f"rerank_{reranker.name}"
+        local[rerank_name] = reranker
+
+    network = RetrievalNetwork(backbone, global_heads, options.scales, whitening) if global_heads else None
+    plan = ImagePlan.scan(dataset.records, source)
+    preparing = [head for head in global_heads.values() if hasattr(head, "prepare")]
+    if preparing:  # data-initialised heads (NetVLAD) learn from the images before extraction
+        engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers)
+        if str(cfg.trainer.get("accelerator", "auto")) != "cpu":
+            engine.to(default_device())
+        for head in preparing:
+            head.prepare(lambda ids: engine.feature_maps(dataset.records, plan, ids), dataset, source.max_size)
+        engine.cpu()
+
+    store = DescriptorStore(Path(cfg.paths.cache_dir) / "descriptors" if cfg.get("cache", True) else None)
+    shared = extraction_fingerprint(dataset.records, source, backbone, options.scales)
+    cache = CachedHeads(store, {name: store.key(shared, name, head, whitening.get(name))
+                                for name, head in {**global_heads, **local}.items()}, len(dataset))
+    trainer = instantiate(cfg.trainer, logger=False) if cache.missing else None
+    facts = {"backbone": backbone.model_name, "scales": list(options.scales), "max_size": options.max_size,
+             "device": str(trainer.strategy.root_device) if trainer is not None else None}
+    run = RunEvaluation(output_dir, dataset, _specs(built, nodes, local, whitening, rerank_name), evaluation,
+                        facts, LocalScoring(verifier, local_search, rerank.top_k if rerank else None), cache, cfg)
+    if trainer is None:
+        log.info("descriptor cache hit for %s: nothing to extract", ", ".join(cache.hits))
+        return run(None)
+    missing = {n: h for n, h in global_heads.items() if n in cache.missing}
+    engine = ExtractionEngine(RetrievalNetwork(backbone, missing, options.scales, whitening) if missing else None,
+                              {n: h for n, h in local.items() if n in cache.missing},
+                              options.batch_size, options.num_workers)
+    trainer.predict(ExtractionModule(engine, dataset.records, plan, on_extracted=run), return_predictions=False)
+    return run.summaries or None
+
+
+def _specs(built: dict, nodes: dict, local: dict, whitening: dict, rerank_name: str | None) -> list:
+    """What each evaluated head is called and how it is scored (after data-initialised heads are fitted)."""
+    from hetretrieval.evaluation.run import HeadSpec
+
+    specs = []
+    for name, head in built.items():
+        descriptor = getattr(head, "name", name) + ("+whitening" if whitening.get(name) is not None else "")
+        config = OmegaConf.to_container(nodes[name], resolve=True)
+        if name in local:
+            specs.append(HeadSpec(name, descriptor, local=True, pca_dim=getattr(head, "pca_dim", None), config=config,
+                                  facts={"local_features": head.name, "scorer": getattr(head, "scorer_name", None)}))
+        elif rerank_name is not None:
+            reranker = local[rerank_name]
+            specs.append(HeadSpec(name, f"{descriptor}+{rerank_name}", rerank=rerank_name, config=config,
+                                  facts={"local_features": reranker.name,
+                                         "scorer": getattr(reranker, "scorer_name", None)}))
         else:
-            module = LocalFeatureModule(module)
-        callback = LocalRetrievalEvaluation(output_dir, instantiate(cfg.verification), search,
-                                            rerank.top_k if rerank else None, evaluation.ks, evaluation.top_k,
-                                            evaluation.max_batch_entries, report=evaluation.report)
-    else:
-        callback = RetrievalEvaluation(output_dir, evaluation.ks, evaluation.top_k, evaluation.max_batch_entries,
-                                       report=evaluation.report)
-    loggers = build_loggers(cfg, f"{module.descriptor_name}-{dataset.name}")
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback], logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    try:
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    finally:
-        finish_loggers(loggers)
-    return callback.summary
+            specs.append(HeadSpec(name, descriptor, config=config))
+    return specs
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    """Run one evaluation; returns mAP so that Hydra sweepers can optimise it."""
+    """Run one evaluation; returns mAP (of the single head) so that Hydra sweepers can optimise it."""
     os.environ.setdefault("WANDB_SILENT", "true")
     # our size-bucket sampler returns every index (tested); Lightning cannot know and warns on every run
     warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
     try:
         summary = evaluate(cfg)
     except HetRetrievalError as error:
+        log.error("%s", error)  # the run's log file says why it stopped, too
         raise SystemExit(f"hetretrieval: {error}") from None
-    return summary["mAP"] if summary else None
+    return summary.get("mAP") if summary and "mAP" in summary else None
 
 
 if __name__ == "__main__":

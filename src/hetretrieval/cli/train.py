@@ -15,37 +15,38 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hetretrieval.cli.evaluate import build_loggers, finish_loggers
 from hetretrieval.config import CONFIG_DIR, EvaluationOptions, ExtractionOptions, instantiate, typed
 from hetretrieval.errors import HetRetrievalError
+from hetretrieval.evaluation.run import evaluate_engine
+from hetretrieval.extraction.batching import ImageSource
+from hetretrieval.loggers import build_loggers, logged_run
+from hetretrieval.models.checkpoints import architecture_from_config, read_torch_file
 from hetretrieval.models.factory import build_head
-from hetretrieval.models.module import RetrievalModule
 from hetretrieval.training.datamodule import TrainingDataModule, holdout_split
-from hetretrieval.training.evaluation import evaluate_module
+from hetretrieval.training.module import FineTuningModule
 from hetretrieval.training.optimization import OptimizerOptions
 from hetretrieval.training.resume import RunIdentity, checkpoint_wandb_run_id, resolve_resume
-from hetretrieval.training.whitening import WhiteningOptions, fit_whitening
+from hetretrieval.training.whitening_fit import WhiteningOptions, fit_whitening
 
 log = logging.getLogger(__name__)
 
 
-def build_module(cfg: DictConfig) -> RetrievalModule:
+def build_module(cfg: DictConfig) -> FineTuningModule:
     """The module to fine-tune, from the backbone, pooling, loss, miner, optimizer and augmentation groups."""
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
+    architecture = architecture_from_config(cfg.backbone, cfg.pooling)  # refuses what a checkpoint cannot name
     loss = instantiate(cfg.loss)
     sampling = instantiate(cfg.miner)
-    architecture = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-                    "head": OmegaConf.to_container(cfg.pooling, resolve=True)}
     backbone = instantiate(cfg.backbone)
-    return RetrievalModule(
+    return FineTuningModule(
         backbone, build_head(cfg.pooling, backbone), extraction.scales,
         loss=loss, miner=sampling.miner(loss), optimizer=typed(cfg.optimizer, OptimizerOptions, "optimizer"),
         augmentation=instantiate(cfg.augmentation) if cfg.get("augmentation") else None,
         validation_ks=typed(cfg.evaluation, EvaluationOptions, "evaluation").ks, seed=cfg.seed,
-        freeze_batchnorm=cfg.training.freeze_batchnorm, architecture=architecture)
+        freeze_batchnorm=cfg.training.freeze_batchnorm, architecture=architecture,
+        batch_size=extraction.batch_size, num_workers=extraction.num_workers)
 
 
 def build_datamodule(cfg: DictConfig) -> TrainingDataModule:
@@ -55,18 +56,22 @@ def build_datamodule(cfg: DictConfig) -> TrainingDataModule:
     train_set, val_set = holdout_split(instantiate(cfg.dataset), validation.fraction, cfg.seed,
                                        query=validation.query, database=validation.database)
     return TrainingDataModule(train_set, val_set, instantiate(cfg.miner), cfg.training.image_size,
-                              extraction.max_size, extraction.batch_size, extraction.num_workers, cfg.seed)
+                              extraction.max_size, extraction.batch_size, extraction.num_workers, cfg.seed,
+                              extraction.max_pixels)
 
 
-def test(module: RetrievalModule, cfg: DictConfig, variant: str) -> dict[str, dict]:
+def test(module: FineTuningModule, cfg: DictConfig, variant: str) -> dict[str, dict]:
     """Evaluate `module` on every `test.datasets` entry; result files under `<output_dir>/test/<name>/<variant>`."""
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
+    source = ImageSource(extraction.max_size, extraction.max_pixels)
+    engine = module.engine()
     summaries = {}
     for name, node in (cfg.test.get("datasets") or {}).items():
-        summaries[name] = evaluate_module(module, instantiate(node), Path(cfg.paths.output_dir) / "test" / name / variant,
-                                          extraction.max_size, extraction.batch_size, evaluation.ks,
-                                          evaluation.top_k, extraction.num_workers, report=evaluation.report)
+        output_dir = Path(cfg.paths.output_dir) / "test" / name / variant
+        by_head = evaluate_engine(engine, instantiate(node), source, output_dir, evaluation,
+                                  {module.head_name: module.descriptor_name})
+        summaries[name] = by_head[module.head_name]
     return summaries
 
 
@@ -89,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     tested: dict[str, dict[str, dict]] = {}
-    try:
+    with logged_run(loggers):
         off_the_shelf_val = None
         if cfg.test.off_the_shelf and resume is None:
             tested["off_the_shelf"] = test(module, cfg, "off_the_shelf")
@@ -98,7 +103,7 @@ def train(cfg: DictConfig) -> dict:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             log.info("testing the best checkpoint %s", best)
-            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+            module.load_state_dict(read_torch_file(best, "best checkpoint")["state_dict"])
         tested["fine_tuned"] = test(module, cfg, "fine_tuned")
         if whitening.kind != "none":
             module.whitening = fit_whitening(module, datamodule, whitening)
@@ -117,8 +122,6 @@ def train(cfg: DictConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_summary.json").write_text(json.dumps(report, indent=2))
         _print_report(report)
-    finally:
-        finish_loggers(loggers)
     return report
 
 

@@ -12,11 +12,11 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from hetretrieval.cli.evaluate import build_loggers, finish_loggers
 from hetretrieval.config import CONFIG_DIR, instantiate
 from hetretrieval.errors import HetRetrievalError
-from hetretrieval.models.local.attention_training import AttentionTraining, LabelledCrops
+from hetretrieval.loggers import build_loggers, logged_run
 from hetretrieval.models.local.pipeline import StageFeatures
+from hetretrieval.training.attention import AttentionTraining, LabelledCrops
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,8 @@ def train_attention(cfg: DictConfig) -> Path:
                                cfg.optimizer.lr, cfg.optimizer.weight_decay)
     loggers = build_loggers(cfg, f"attention-{backbone.model_name}-{dataset.name}")
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
-    try:
+    with logged_run(loggers):
         trainer.fit(module, datamodule=datamodule)
-    finally:
-        finish_loggers(loggers)
     path = module.save_attention(Path(cfg.paths.output_dir) / ATTENTION_CHECKPOINT, backbone.model_name)
     print(f"attention saved to {path}: use pooling=delf pooling.attention_checkpoint={path}")
     return path

@@ -3,13 +3,14 @@
 The official release is a pickle per dataset (`gnd_roxford5k.pkl`, `gnd_rparis6k.pkl`) holding `imlist`,
 `qimlist` and, per query, the bounding box `bbx` and the database indices labelled `easy`, `hard` and `junk`.
 Pickles can execute code, so they are read with an unpickler that only rebuilds plain containers, numbers,
-strings and numpy arrays.
+strings and numpy arrays, and refuses to build more than a bound (`bytearray(10**12)` is a few bytes).
 """
 
 from __future__ import annotations
 
 import builtins
 import io
+import math
 import pickle
 import urllib.request
 from collections.abc import Sequence
@@ -36,30 +37,83 @@ IMAGE_ARCHIVE_URLS = {
     ),
 }
 
-_SAFE_BUILTINS = frozenset(
-    {"list", "tuple", "dict", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes", "bytearray"}
-)
-_SAFE_NUMPY = frozenset(
-    {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-)
+# The builtins that pickle itself calls (protocols 0-4; lists, dicts, numbers and strings have opcodes). `str`
+# is not among them, and would be unbounded: the repr of a list holding one long string many times.
+_SAFE_BUILTINS = frozenset({"set", "frozenset", "complex", "bytes", "bytearray"})
+_SAFE_NUMPY = {  # (module, name): where the call's arguments give an array shape (then its dtype), or None
+    ("numpy", "ndarray"): 0,
+    ("numpy", "dtype"): None,
+    ("numpy.core.multiarray", "_reconstruct"): 1,
+    ("numpy.core.multiarray", "scalar"): None,
+    ("numpy._core.multiarray", "_reconstruct"): 1,
+    ("numpy._core.multiarray", "scalar"): None,
+}
+# Bytes (or items) that the calls and array fillings of one file may build in all. The official files make
+# none; a few bytes of pickle can otherwise ask for any amount: `bytearray(n)`, an array shape, or one object
+# of the file copied again and again (each array filled from the same state gets a copy).
+MAX_BUILT = 1 << 26
+
+
+class _MeteredArray(np.ndarray):
+    """The arrays a ground-truth pickle rebuilds: filling one (the pickle's BUILD) is charged its size."""
+
+    meter: _GroundTruthUnpickler
+
+    def __setstate__(self, state: tuple) -> None:
+        self.meter.charge(math.prod(state[-4]) * np.dtype(state[-3]).itemsize, "array data")
+        super().__setstate__(state)
+
+
+class _Global:
+    """An allowed global as the pickle sees it: a call is charged what it may allocate before it runs; as an
+    argument (numpy's `_reconstruct(ndarray, ...)`), it stands for the global itself."""
+
+    def __init__(self, meter: _GroundTruthUnpickler, target: Any, shape_at: int | None):
+        self.meter, self.target, self.shape_at = meter, target, shape_at
+
+    def __setstate__(self, state: Any) -> None:  # the pickle's BUILD would otherwise rewrite the fields
+        raise pickle.UnpicklingError("an allowed global cannot be modified")
+
+    def __call__(self, *args: Any) -> Any:
+        args = tuple(arg.target if isinstance(arg, _Global) else arg for arg in args)
+        self.meter.charge(self._cost(args), getattr(self.target, "__name__", "a global"))
+        built = self.target(*args)
+        if isinstance(built, _MeteredArray):
+            built.meter = self.meter
+        return built
+
+    def _cost(self, args: tuple) -> int:
+        """A bound on what the call allocates: an array's bytes, `bytes(n)`'s n, or the length it copies."""
+        if self.shape_at is not None:
+            shape = args[self.shape_at]
+            dtype = args[self.shape_at + 1] if len(args) > self.shape_at + 1 else float
+            dims = shape if isinstance(shape, tuple | list) else (shape,)
+            return math.prod(abs(int(n)) for n in dims) * np.dtype(dtype).itemsize
+        return sum(abs(arg) if isinstance(arg, int) else len(arg) if hasattr(arg, "__len__") else 0
+                   for arg in args)
 
 
 class _GroundTruthUnpickler(pickle.Unpickler):
-    """Rebuilds builtin containers/scalars and numpy arrays only; any other global is refused."""
+    """Rebuilds builtin containers/scalars and numpy arrays only, any other global refused, and builds through
+    calls and array fillings at most `MAX_BUILT` in all."""
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file)
+        self.built = 0
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "builtins" and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
+            return _Global(self, getattr(builtins, name), None)
         if (module, name) in _SAFE_NUMPY:
-            return super().find_class(module, name)
+            target = _MeteredArray if name == "ndarray" else super().find_class(module, name)
+            return _Global(self, target, _SAFE_NUMPY[module, name])
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a ground-truth file")
+
+    def charge(self, cost: int, what: str) -> None:
+        self.built += cost
+        if self.built > MAX_BUILT:
+            raise pickle.UnpicklingError(f"it asks for more than {MAX_BUILT:,} bytes ({what}), far more than "
+                                         "any ground-truth file needs")
 
 
 @dataclass(frozen=True)
@@ -169,8 +223,9 @@ def revisitop_dataset(root: str | Path, name: str, crop_queries: bool = True) ->
     Queries are labelled by their own name, database images unlabelled: relevance comes from the ground truth
     (the official protocols), not from labels. Fails at once, in one line, when the images are not in place.
     """
+    root = Path(root).expanduser().absolute()  # records outlive the working directory
     ground_truth = load_revisitop(root, name)
-    folder = Path(root) / "jpg"
+    folder = root / "jpg"
     missing = [n for n in (*ground_truth.qimlist, *ground_truth.imlist) if not image_path(root, n).is_file()]
     if missing:
         archives = " and ".join(IMAGE_ARCHIVE_URLS[name])

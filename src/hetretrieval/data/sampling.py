@@ -1,4 +1,4 @@
-"""Seeded image subsets of a dataset, loaded one by one: what data-dependent heads learn from before extraction.
+"""Seeded image subsets of a dataset: what data-dependent heads learn from before extraction.
 
 NetVLAD's k-means and whitening are fitted on a configurable image set (by default the database, as
 off-the-shelf NetVLAD is learned without labels on the collection it searches).
@@ -6,12 +6,8 @@ off-the-shelf NetVLAD is learned without labels on the collection it searches).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import torch
 
-from hetretrieval.data.datamodule import ImageFileDataset, RetrievalDataModule
 from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.errors import ConfigError
 
@@ -28,12 +24,3 @@ def image_subset(dataset: RetrievalDataset, image_set: str = "database", max_ima
     if max_images is not None and ids.size > max_images:
         ids = np.sort(np.random.default_rng(seed).choice(ids, max_images, replace=False))
     return np.asarray(ids, dtype=np.int64)
-
-
-def iter_images(datamodule: RetrievalDataModule, ids: np.ndarray) -> Iterator[torch.Tensor]:
-    """Yield records `ids` of a set-up datamodule as `(1, 3, H, W)` images in [0, 1], loaded as for extraction
-    (same size cap and crop boxes); images it found unreadable, or that fail to decode, are skipped."""
-    files = ImageFileDataset([r.path for r in datamodule.dataset.records], datamodule.max_size, datamodule.boxes)
-    for index in ids:
-        if datamodule.shapes[index] is not None and (item := files[int(index)])["image"] is not None:
-            yield item["image"][None]

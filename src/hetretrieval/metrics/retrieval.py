@@ -6,12 +6,12 @@ local-feature search with spatial verification and re-ranking (`hetretrieval.ind
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.index.search import RankingBatch, iter_rankings
 from hetretrieval.metrics.ap import average_precision, mean_by_group, precision_at_k, recall_at_k
 
@@ -78,18 +78,18 @@ class Protocol:
     exclude: np.ndarray
 
 
-def search_protocol(dataset: RetrievalDataset, valid: np.ndarray | None = None) -> Protocol:
-    """The dataset's queries and database restricted to `valid (N,)` described records (all if None)."""
-    valid = np.ones(len(dataset), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-    query_ids = dataset.query_ids[valid[dataset.query_ids]]
-    database_ids = dataset.database_ids[valid[dataset.database_ids]]
-    position_in_database = np.full(len(dataset), -1, dtype=np.int64)
+def search_protocol(query_ids: np.ndarray, database_ids: np.ndarray, valid: np.ndarray) -> Protocol:
+    """Query and database record indices restricted to the `valid (N,)` described records."""
+    valid = np.asarray(valid, dtype=bool)
+    query_ids = query_ids[valid[query_ids]]
+    database_ids = database_ids[valid[database_ids]]
+    position_in_database = np.full(valid.size, -1, dtype=np.int64)
     position_in_database[database_ids] = np.arange(database_ids.size)
     return Protocol(query_ids, database_ids, position_in_database[query_ids])
 
 
 def evaluate_rankings(
-    rankings: Iterable[RankingBatch], dataset: RetrievalDataset, protocol: Protocol,
+    rankings: Iterable[RankingBatch], labels: Sequence[str | None], protocol: Protocol,
     ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
 ) -> RetrievalResults:
     """AP, P@k, R@k and per-class mAP from full rankings produced by any search (global or local).
@@ -99,7 +99,7 @@ def evaluate_rankings(
     entry); batches may come in any order but must cover every query once.
     """
     query_ids, database_ids = protocol.query_ids, protocol.database_ids
-    codes = label_codes(dataset.labels)
+    codes = label_codes(labels)
     database_codes = codes[database_ids]
     n_queries, top_k = query_ids.size, min(top_k, database_ids.size)
     ap = np.full(n_queries, np.nan)
@@ -120,21 +120,39 @@ def evaluate_rankings(
         neighbours[rows] = database_ids[batch.positions[:, :top_k]]
         neighbour_scores[rows] = batch.scores[:, :top_k]
 
-    query_labels = [dataset.records[i].label for i in query_ids]
+    query_labels = [labels[i] for i in query_ids]
     return RetrievalResults(query_ids, database_ids, ap, n_positives, precision, recall, neighbours,
                             neighbour_scores, mean_by_group(ap, query_labels))
 
 
 def evaluate_retrieval(
-    descriptors: np.ndarray, dataset: RetrievalDataset, valid: np.ndarray | None = None,
-    ks: Sequence[int] = (1, 5, 10), top_k: int = 100, max_batch_entries: int = 1 << 24,
+    descriptors: np.ndarray, labels: Sequence[str | None], query_ids: np.ndarray, database_ids: np.ndarray,
+    valid: np.ndarray | None = None, ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
+    max_batch_entries: int = 1 << 24,
 ) -> RetrievalResults:
     """Rank the database for every query by global descriptors and compute AP, P@k, R@k and per-class mAP.
 
-    `descriptors (N, D)` are L2-normalised, one row per record; `valid (N,)` marks records that were described
-    (skipped images are dropped from both queries and database). A query is removed from its own ranking.
+    `descriptors (N, D)` are L2-normalised, one row per record, `labels (N,)` their classes (None: never a
+    positive); `valid (N,)` marks records that were described (skipped images are dropped from both queries
+    and database). A query is removed from its own ranking.
     """
-    protocol = search_protocol(dataset, valid)
+    valid = np.ones(len(labels), dtype=bool) if valid is None else valid
+    protocol = search_protocol(query_ids, database_ids, valid)
     rankings = iter_rankings(descriptors[protocol.query_ids], descriptors[protocol.database_ids],
                              exclude=protocol.exclude, max_batch_entries=max_batch_entries)
-    return evaluate_rankings(rankings, dataset, protocol, ks, top_k)
+    return evaluate_rankings(rankings, labels, protocol, ks, top_k)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+
+
+def metric_summary(results: RetrievalResults, ks: Sequence[int]) -> dict[str, float | None]:
+    """The one metrics dictionary of a run (summary.json, loggers, validation, the study): `mAP`,
+    `class_mAP`, `mP@k`, `mR@k`; None where undefined (no query with a positive)."""
+    summary = {"mAP": _finite_or_none(results.mean_average_precision),
+               "class_mAP": _finite_or_none(results.class_mean_average_precision)}
+    for k in ks:
+        summary[f"mP@{k}"] = _finite_or_none(results.mean_precision_at(k))
+        summary[f"mR@{k}"] = _finite_or_none(results.mean_recall_at(k))
+    return summary

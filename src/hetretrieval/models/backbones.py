@@ -51,13 +51,15 @@ def _offline_state_dict(model_name: str, model: nn.Module) -> dict[str, torch.Te
 
 
 def _load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(f"backbone checkpoint '{path}' does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from hetretrieval.models.checkpoints import read_torch_file  # here: checkpoints builds Backbones
+
+    state = read_torch_file(path, "backbone checkpoint", WeightsUnavailableError)
     for key in ("state_dict", "model"):  # common wrappers of a plain state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(
+            f"backbone checkpoint '{path}' holds a {type(state).__name__}, not a state dict")
     return state
 
 

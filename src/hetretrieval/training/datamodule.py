@@ -7,7 +7,7 @@
   ``{"images": (T, 2 + n_negatives, 3, S, S)}``.
 
 Every image is cut to an ``S x S`` crop (shorter side resized to ``S``, then a random square; the centre one
-when describing for mining) so that batches stack. All randomness (split, draws, crops, mining) derives from
+when describing for mining, through the extraction engine) so that batches stack. All randomness (split, draws, crops, mining) derives from
 ``seed`` and the epoch number, never from global state, so runs and resumed runs are reproducible.
 """
 
@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hetretrieval.data.datamodule import RetrievalDataModule
 from hetretrieval.data.datasets import RetrievalDataset, make_dataset
-from hetretrieval.data.images import load_image
+from hetretrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, square_crop
 from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.extraction.batching import ImagePlan, ImageSource
 from hetretrieval.metrics.retrieval import label_codes
 from hetretrieval.training.mining import (
     ClassBalancedBatchSampler,
@@ -38,7 +37,7 @@ from hetretrieval.training.mining import (
 )
 
 if TYPE_CHECKING:
-    from hetretrieval.models.module import RetrievalModule
+    from hetretrieval.training.module import FineTuningModule
 
 log = logging.getLogger(__name__)
 
@@ -107,32 +106,22 @@ class EpochTuples:
 Sampling = ClassBalancedBatches | EpochTuples
 
 
-def square_crop(image: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
-    """``(3, H, W)`` -> ``(3, size, size)``: shorter side resized to ``size``, then a square cut at a random
-    position drawn from ``generator`` (the centre without one)."""
-    height, width = image.shape[-2:]
-    ratio = size / min(height, width)
-    resized_h, resized_w = max(size, round(height * ratio)), max(size, round(width * ratio))
-    resized = F.interpolate(image[None], size=(resized_h, resized_w), mode="bilinear", antialias=True,
-                            align_corners=False)[0].clamp_(0, 1)
-    if generator is None:
-        top, left = (resized_h - size) // 2, (resized_w - size) // 2
-    else:
-        top = int(torch.randint(resized_h - size + 1, (), generator=generator))
-        left = int(torch.randint(resized_w - size + 1, (), generator=generator))
-    return resized[:, top : top + size, left : left + size]
-
-
 def _crop_seed(seed: int, epoch: int, draw: int) -> int:
     return (seed * 1_000_003 + epoch) * 10_000_019 + draw
 
 
 class CroppedImages(Dataset):
     """Item ``(draw, index)`` -> ``{"image": (3, S, S), "label": code}``, the crop seeded by ``(seed, epoch,
-    draw)`` so that repeats of an image in an epoch get different crops; ``index`` alone gives the centre crop."""
+    draw)`` so that repeats of an image in an epoch get different crops; ``index`` alone gives the centre crop.
 
-    def __init__(self, paths: Sequence, codes: Sequence[int], size: int, seed: int = 0, epoch: int = 0) -> None:
-        self.paths, self.codes, self.size, self.seed, self.epoch = list(paths), list(codes), size, seed, epoch
+    Images are read as ``plan`` says (decoded no larger than the crop needs, see ``ImageSource``); the plan has
+    screened them at set-up, so a failure here is a file that changed since, and stops training in one line.
+    """
+
+    def __init__(self, records: Sequence, codes: Sequence[int], plan: ImagePlan, seed: int = 0,
+                 epoch: int = 0) -> None:
+        self.paths = [record.path for record in records]
+        self.codes, self.plan, self.seed, self.epoch = list(codes), plan, seed, epoch
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -140,8 +129,12 @@ class CroppedImages(Dataset):
     def __getitem__(self, item: tuple[int, int] | int) -> dict:
         draw, index = item if isinstance(item, tuple) else (None, item)
         generator = None if draw is None else torch.Generator().manual_seed(_crop_seed(self.seed, self.epoch, draw))
-        image = square_crop(load_image(self.paths[index], max_size=None), self.size, generator)
-        return {"image": image, "label": self.codes[index]}
+        try:
+            image = load_image(self.paths[index], self.plan.decode_sizes[index], self.plan.boxes[index],
+                               max_pixels=self.plan.source.max_pixels)
+        except ImageLoadError as error:
+            raise DataError(f"training image became unreadable after set-up: {error}") from None
+        return {"image": square_crop(image, self.plan.source.crop_size, generator), "label": self.codes[index]}
 
 
 class NumberedBatches(Sampler[list[tuple[int, int]]]):
@@ -180,48 +173,40 @@ def collate_crops(items: list[dict]) -> dict:
             "labels": torch.tensor([item["label"] for item in items], dtype=torch.long)}
 
 
-@torch.no_grad()
-def extract_descriptors(module: RetrievalModule, images: CroppedImages, indices: Sequence[int],
-                        batch_size: int = 32) -> Tensor:
-    """Describe the centre crops of ``images[indices]`` with ``module`` in eval mode -> ``(len(indices), D)``."""
-    was_training = module.training
-    module.eval()
-    try:
-        batches = []
-        for start in range(0, len(indices), batch_size):
-            crops = torch.stack([images[int(i)]["image"] for i in indices[start : start + batch_size]])
-            batches.append(module(crops.to(module.device)).float().cpu())
-        return torch.cat(batches)
-    finally:
-        module.train(was_training)
-
-
 class TrainingDataModule(pl.LightningDataModule):
     """Training batches (rebuilt every epoch: set ``reload_dataloaders_every_n_epochs=1``) and the validation
-    split served exactly as ``hetretrieval-eval`` serves a dataset (size buckets, ``val_max_size``)."""
+    split served by the extraction engine exactly as ``hetretrieval-eval`` serves a dataset (``val_max_size``).
+
+    Training images are screened once (header and a full decode at crop size): an unreadable one is dropped
+    from the training set, logged and listed in ``skipped``, instead of stopping training at its first crop.
+    """
 
     def __init__(self, train_dataset: RetrievalDataset, val_dataset: RetrievalDataset | None, sampling: Sampling,
                  image_size: int = 224, val_max_size: int | None = None, batch_size: int = 32,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
         if image_size < 32:
             raise ConfigError(f"training image_size must be >= 32 pixels, got {image_size}")
-        self.train_dataset, self.val_dataset, self.sampling = train_dataset, val_dataset, sampling
-        self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
+        self.sampling, self.image_size, self.batch_size = sampling, image_size, batch_size
+        self.num_workers, self.seed = num_workers, seed
+        crop_source = ImageSource(max_size=None, max_pixels=max_pixels, crop_size=image_size)
+        screened = ImagePlan.scan(train_dataset.records, crop_source, verify=True)
+        self.skipped = {str(train_dataset.records[i].path): reason for i, reason in screened.unreadable.items()}
+        if self.skipped:
+            log.warning("training without %d unreadable image(s): %s", len(self.skipped), ", ".join(self.skipped))
+            keep = [i for i in range(len(train_dataset)) if i not in screened.unreadable]
+            train_dataset = make_dataset(train_dataset.name, [train_dataset.records[i] for i in keep])
+            screened = ImagePlan.scan(train_dataset.records, crop_source)
+        self.train_dataset, self.val_dataset, self.crop_plan = train_dataset, val_dataset, screened
         self.codes = torch.as_tensor(label_codes(train_dataset.labels))
         if (self.codes < 0).any():
             raise DataError(f"training set '{train_dataset.name}' holds unlabelled images")
-        self.validation = (RetrievalDataModule(val_dataset, val_max_size, batch_size, num_workers)
-                           if val_dataset is not None else None)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.validation is not None:
-            self.validation.setup(stage)
+        self.validation_plan = (ImagePlan.scan(val_dataset.records, ImageSource(val_max_size, max_pixels))
+                                if val_dataset is not None else None)
 
     def crops(self, epoch: int) -> CroppedImages:
         """The training images as crops of this epoch's draw."""
-        return CroppedImages([r.path for r in self.train_dataset.records], self.codes.tolist(), self.image_size,
-                             self.seed, epoch)
+        return CroppedImages(self.train_dataset.records, self.codes.tolist(), self.crop_plan, self.seed, epoch)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
@@ -238,7 +223,11 @@ class TrainingDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self.validation.predict_dataloader() if self.validation is not None else []
+        if self.val_dataset is None:
+            return []
+        trainer = self.trainer
+        return self.trainer.lightning_module.engine().loader(
+            self.val_dataset.records, self.validation_plan, rank=trainer.global_rank, world_size=trainer.world_size)
 
     def mine_tuples(self, epoch: int) -> Tensor:
         """This epoch's tuples ``(n_queries, 2 + n_negatives)`` of training-set indices (see the module doc)."""
@@ -254,8 +243,7 @@ class TrainingDataModule(pl.LightningDataModule):
         described = torch.unique(torch.cat([queries, positives, pool]))
         row_of = torch.full((len(codes),), -1, dtype=torch.long)
         row_of[described] = torch.arange(len(described))
-        descriptors = extract_descriptors(self.trainer.lightning_module, self.crops(epoch), described.tolist(),
-                                          self.batch_size)
+        descriptors = describe_crops(self.trainer.lightning_module, self.train_dataset, self.crop_plan, described)
         rows = mine_epoch_tuples(descriptors, codes[described], row_of[queries], row_of[positives],
                                  sampling.n_negatives)
         log.info("epoch %d: mined %d tuples from %d described images", epoch, len(rows), len(described))
@@ -266,3 +254,11 @@ class TrainingDataModule(pl.LightningDataModule):
         others = others[others != query]
         return others[torch.randint(len(others), (), generator=generator)]
 
+
+def describe_crops(module: FineTuningModule, dataset: RetrievalDataset, plan: ImagePlan,
+                   ids: Sequence[int] | Tensor) -> Tensor:
+    """Centre-crop descriptors `(len(ids), D)` of `dataset.records[ids]` by the module's current weights,
+    through the extraction engine (in eval mode, on the module's device), for mining and whitening fits."""
+    ids = np.asarray(ids, dtype=np.int64)
+    extraction = module.engine(scales=(1.0,)).extract(dataset.records, plan, ids)
+    return torch.from_numpy(extraction.descriptors[module.head_name][ids])

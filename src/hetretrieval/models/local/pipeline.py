@@ -1,10 +1,9 @@
-"""Local-feature extraction wired for evaluation: the DELF-style extractor and the predict-time module.
+"""Local-feature extraction: the DELF-style extractor over one stage of the evaluated backbone.
 
 `DelfExtractor` takes dense features from one stage of the evaluated timm backbone (with the same weights and
 input normalisation), scores them by a trained DELF attention (`attention_checkpoint`) or, without one, by the
 feature norm, and keeps the best over an image pyramid with receptive-field keypoint locations measured on
-that stage. `LocalFeatureModule` runs an extractor (DELF or ORB) over a datamodule in `trainer.predict`,
-optionally beside a global `RetrievalModule` whose rankings the local features then re-rank.
+that stage. The extraction engine runs it (or ORB) on every image, beside any global heads.
 """
 
 from __future__ import annotations
@@ -12,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import timm
 import torch
 from torch import nn
 
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.models.backbones import Backbone
+from hetretrieval.models.checkpoints import read_torch_file
 from hetretrieval.models.local.attention import AttentionScorer, FeatureNormScorer
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.keypoints import ReceptiveField, extract_local_features, receptive_field
@@ -54,10 +53,7 @@ class StageFeatures(nn.Module):
 
 def load_attention_scorer(path: str | Path, in_channels: int) -> AttentionScorer:
     """The DELF attention saved by `hetretrieval-train-attention` (`{"hidden_channels", "state_dict", ...}`)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"attention checkpoint '{path}' does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_torch_file(path, "attention checkpoint")
     if not isinstance(saved, dict) or "state_dict" not in saved or "hidden_channels" not in saved:
         raise DataError(f"'{path}' is not an attention checkpoint written by hetretrieval-train-attention")
     if saved.get("in_channels") != in_channels:
@@ -102,42 +98,3 @@ class DelfExtractor(nn.Module):
 
 
 LOCAL_EXTRACTORS = (DelfExtractor, OrbExtractor)
-
-
-class LocalFeatureModule(pl.LightningModule):
-    """Predicts the local features of every image (`extractor`: `DelfExtractor` or `OrbExtractor`).
-
-    With `global_module`, each batch also gets that module's global descriptors (the first stage of
-    re-ranking); otherwise `descriptors` are empty `(B, 0)`.
-    """
-
-    def __init__(self, extractor: DelfExtractor | OrbExtractor, global_module: pl.LightningModule | None = None):
-        super().__init__()
-        self.extractor = extractor
-        self.global_module = global_module
-        self.scales = global_module.scales if global_module is not None else getattr(extractor, "scales", (1.0,))
-
-    @property
-    def scorer_name(self) -> str | None:
-        return getattr(self.extractor, "scorer_name", None)
-
-    @property
-    def descriptor_name(self) -> str:
-        if self.global_module is None:
-            return self.extractor.name
-        return f"{self.global_module.descriptor_name}+rerank_{self.extractor.name}"
-
-    @property
-    def backbone_name(self) -> str | None:
-        if self.global_module is not None:
-            return self.global_module.backbone.model_name
-        return getattr(self.extractor, "backbone_name", None)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        images = batch["images"]
-        if self.global_module is not None and len(images):
-            descriptors = self.global_module(images).float().cpu()
-        else:
-            descriptors = torch.zeros(len(images), 0)
-        return {"index": batch["index"].cpu(), "descriptors": descriptors, "failed": batch["failed"],
-                "features": [self.extractor(image) for image in images]}

@@ -2,7 +2,7 @@
 
 Off-the-shelf use needs no training: `NetVLAD.init_from_features` sets the centroids by k-means on sampled
 local descriptors and the assignment so that it approximates hard VLAD assignment, as in the paper.
-`NetVLAD.prepare` does it from a dataset's images before extraction (and optionally fits a PCA-whitening of
+`NetVLAD.prepare` does it from a dataset's images (through the extraction engine) before extraction (and optionally fits a PCA-whitening of
 the VLAD vectors on the database), which is how `hetretrieval-eval pooling=netvlad` builds it.
 """
 
@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetretrieval.data.sampling import image_subset, iter_images
+from hetretrieval.data.datasets import RetrievalDataset
+from hetretrieval.data.sampling import image_subset
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.models.whitening import Whitening, fit_pca, fit_pca_whitening_in_span
 
@@ -139,6 +141,7 @@ class NetVLAD(nn.Module):
         self.assignment = nn.Conv2d(channels, n_clusters, kernel_size=1)
         self.preparation = NetVLADPreparation()
         self.cache_dir: Path | None = None
+        self.backbone_name: str | None = None
         self.whitening: Whitening | None = None
 
     @classmethod
@@ -150,6 +153,7 @@ class NetVLAD(nn.Module):
         initialisation in `cache_dir` under a name that identifies the backbone and the sampled images.
         """
         head = cls(backbone.out_channels, n_clusters, dim if dim is not None and dim < backbone.out_channels else None)
+        head.backbone_name = getattr(backbone, "model_name", type(backbone).__name__)
         head.preparation = NetVLADPreparation(**preparation)
         head.cache_dir = None if cache_dir is None else Path(cache_dir)
         return head
@@ -176,20 +180,16 @@ class NetVLAD(nn.Module):
         return vlad if self.whitening is None else self.whitening(vlad)
 
     @torch.no_grad()
-    def prepare(self, backbone: nn.Module, datamodule) -> None:
-        """Fit on the (set-up) datamodule's dataset before extraction, as `preparation` says: the k-means
-        initialisation from local features of `backbone` (or the cache), then the database whitening."""
-        options, dataset = self.preparation, datamodule.dataset
-        device = self.centroids.device
-
-        def feature_maps(ids):
-            for image in iter_images(datamodule, ids):
-                yield backbone(image.to(device))[0]
-
+    def prepare(self, feature_maps: Callable[[np.ndarray], Iterable[torch.Tensor]], dataset: RetrievalDataset,
+                max_size: int | None) -> None:
+        """Fit on `dataset` before extraction, as `preparation` says: the k-means initialisation from local
+        features (or the cache), then the database whitening. `feature_maps(ids)` yields the backbone's
+        `(C, h, w)` map of each readable record of `ids` read at `max_size` (the extraction engine's)."""
+        options = self.preparation
         sampled = image_subset(dataset, options.image_set, options.max_images, options.seed)
         if self.cache_dir is not None:
-            key = repr((getattr(backbone, "model_name", type(backbone).__name__), datamodule.max_size,
-                        options.samples_per_image, [str(dataset.records[i].path) for i in sampled]))
+            key = repr((self.backbone_name, max_size, options.samples_per_image,
+                        [str(dataset.records[i].path) for i in sampled]))
             digest = hashlib.sha1(key.encode()).hexdigest()[:16]
             self.cache_path = self.cache_dir / f"netvlad-k{self.n_clusters}-d{self.dim}-{digest}.pt"
         self.init_from_features(
@@ -197,8 +197,7 @@ class NetVLAD(nn.Module):
             options.seed)
         self.whitening = None
         if options.whitening_dim is not None:
-            database = image_subset(dataset, "database")
-            vlad = torch.cat([self(feature_map[None]) for feature_map in feature_maps(database)])
+            vlad = torch.cat([self(feature_map[None]) for feature_map in feature_maps(image_subset(dataset))])
             self.whitening = Whitening(*fit_pca_whitening_in_span(vlad, options.whitening_dim,
                                                                  options.whitening_shrinkage))
 
@@ -238,10 +237,12 @@ class NetVLAD(nn.Module):
         return {"in_channels": self.in_channels, "n_clusters": self.n_clusters, "dim": self.dim, "seed": seed}
 
     def _load_initialisation(self, seed: int) -> None:
+        from hetretrieval.models.checkpoints import read_torch_file  # here: checkpoints builds NetVLADs
+
+        saved = read_torch_file(self.cache_path, "NetVLAD initialisation cache")
         try:
-            saved = torch.load(self.cache_path, map_location=self.centroids.device, weights_only=True)
             config, state_dict = saved["config"], saved["state_dict"]
-        except (OSError, RuntimeError, KeyError, TypeError) as error:
+        except (KeyError, TypeError) as error:
             raise DataError(f"malformed NetVLAD initialisation cache {self.cache_path}: {error}") from error
         if config != self._cache_config(seed):
             raise ConfigError(

@@ -4,8 +4,8 @@ The paper could only correlate per-class mAP with annotated variations; here one
 `data/variations.py` is applied at graded strengths, everything else fixed. With `apply_to="queries"` only the
 queries change: they are held out of the database, so a varied query cannot find its own clean original. With
 `apply_to="all"` every image changes and the dataset's own protocol is kept: the paper's grayscale experiment
-(Table 2) is the `grayscale` preset. Each image is loaded once and each (image, strength) goes through the
-backbone once; every pooling head describes the same feature map.
+(Table 2) is the `grayscale` preset. The extraction engine reads each image once and each (image, strength)
+goes through the backbone once; every head describes the same feature map.
 """
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ import csv
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from hetretrieval.analysis.figures import save_figure
-from hetretrieval.analysis.results import summarise
-from hetretrieval.data.datamodule import RetrievalDataModule
+from hetretrieval.config import EvaluationOptions
 from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.data.variations import apply_variation, get_variation
 from hetretrieval.errors import ConfigError, DataError
-from hetretrieval.metrics.retrieval import evaluate_retrieval
+from hetretrieval.evaluation.scoring import LocalScoring, score_global, score_local
+from hetretrieval.extraction.batching import ImagePlan, ImageSource
+from hetretrieval.extraction.engine import Extraction, ExtractionEngine, View
+from hetretrieval.metrics.retrieval import metric_summary
 
 log = logging.getLogger(__name__)
 
@@ -77,65 +79,47 @@ def hold_out_queries(dataset: RetrievalDataset, queries_per_class: int | None) -
 Condition = tuple[str, str, float]  # (variation, apply_to, strength)
 
 
-@torch.inference_mode()
-def describe_varied(
-    backbone: nn.Module, heads: Mapping[str, nn.Module], datamodule: RetrievalDataModule,
-    plans: Sequence[tuple[StudyPlan, np.ndarray]], seed: int = 0,
-) -> tuple[dict[Condition, dict[str, np.ndarray]], np.ndarray]:
-    """Descriptors of every image under every condition, in one pass over the images.
+def describe_varied(engine: ExtractionEngine, dataset: RetrievalDataset, source: ImageSource | ImagePlan,
+                    plans: Sequence[tuple[StudyPlan, np.ndarray]], seed: int = 0) -> tuple[dict, Extraction]:
+    """Descriptors of every image under every condition, in one pass of the extraction engine.
 
-    `plans`: `(plan, varied (N,) bool)` pairs -> `{(variation, apply_to, strength): {head: (N, D)}}` and
-    `valid (N,)`. Images not `varied` keep their clean descriptor (computed once per image). The randomness
-    of a variation (direction, position) is seeded from `seed` and the batch's first image index.
+    `plans`: `(plan, varied (N,) bool)` pairs -> `{(variation, apply_to, strength): {head: key}}` naming the
+    extraction's heads for that condition, and the `Extraction`. Strength 0 is the clean descriptor (computed
+    once per image); images not `varied` keep it. The randomness of a variation (direction, position) is
+    seeded from `seed` and the first varied image of the batch.
     """
-    datamodule.setup("predict")
-    n_images = len(datamodule.dataset)
-    valid = np.zeros(n_images, dtype=bool)
-    out: dict[Condition, dict[str, np.ndarray]] = {}
-    for reason in datamodule.unreadable.values():
-        log.warning("skipping image (left out of queries and database): %s", reason)
-    for batch in datamodule.predict_dataloader():
-        for _, reason in batch["failed"]:
-            log.warning("skipping image (left out of queries and database): %s", reason)
-        index = batch["index"].numpy()
-        if not index.size:
-            continue
-        valid[index] = True
-        images = batch["images"]
-        clean = _describe(backbone, heads, images)
-        for plan, varied in plans:
-            rows = torch.from_numpy(varied[index])
-            for strength in plan.strengths:
-                described = {name: d.clone() for name, d in clean.items()}
-                if strength > 0 and rows.any():
-                    batch_seed = seed * 1_000_003 + int(index[0])
-                    varied_images = apply_variation(images[rows], plan.variation, strength, batch_seed)
-                    for name, d in _describe(backbone, heads, varied_images).items():
-                        described[name][rows] = d
-                condition = out.setdefault((plan.variation, plan.apply_to, strength), {})
-                for name, d in described.items():
-                    condition.setdefault(name, np.zeros((n_images, d.shape[1]), dtype=np.float32))[index] = d.numpy()
-    return out, valid
+    views: dict[str, View] = {}
+    names: dict[Condition, str | None] = {}
+    for plan, varied in plans:
+        for strength in plan.strengths:
+            condition = (plan.variation, plan.apply_to, strength)
+            if strength == 0:
+                names[condition] = None
+                continue
+            names[condition] = view = f"{plan.variation}@{strength:g}:{plan.apply_to}"
+            views[view] = View(partial(_vary, variation=plan.variation, strength=strength, seed=seed), varied)
+    extraction = engine.extract(dataset.records, source, views=views)
+    for reason in extraction.skipped.values():
+        log.warning("left out of queries and database: %s", reason)
+    keys = {condition: {head: head if view is None else f"{view}/{head}" for head in engine.head_names}
+            for condition, view in names.items()}
+    return keys, extraction
 
 
-def _describe(backbone: nn.Module, heads: Mapping[str, nn.Module], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    features = backbone(images)
-    return {name: head(features).float() for name, head in heads.items()}
+def _vary(images: torch.Tensor, index: np.ndarray, variation: str, strength: float, seed: int) -> torch.Tensor:
+    return apply_variation(images, variation, strength, seed * 1_000_003 + int(index[0]))
 
 
-def variation_study(
-    dataset: RetrievalDataset, backbone: nn.Module, heads: Mapping[str, nn.Module], plans: Sequence[StudyPlan],
-    max_size: int | None = 224, batch_size: int = 32, queries_per_class: int | None = 20, seed: int = 0,
-    ks: Sequence[int] = (1, 5, 10),
-) -> list[dict]:
-    """mAP, class mAP and mP@k / mR@k for every (plan, strength, head): one row each.
+def variation_study(dataset: RetrievalDataset, engine: ExtractionEngine, plans: Sequence[StudyPlan],
+                    source: ImageSource | ImagePlan, queries_per_class: int | None = 20, seed: int = 0,
+                    ks: Sequence[int] = (1, 5, 10), local_scoring: LocalScoring | None = None,
+                    pca_dims: dict[str, int | None] | None = None) -> list[dict]:
+    """mAP, class mAP and mP@k / mR@k (`metric_summary`) for every (plan, strength, head): one row each.
 
     Query-only plans share one protocol (queries held out with `hold_out_queries`); `apply_to="all"` plans use
-    the dataset's own. Every image is loaded and described clean once, whatever the number of plans.
+    the dataset's own. Every image is read and described clean once, whatever the number of plans. Local
+    heads (DELF, ORB) are scored by local search with `local_scoring`, exactly as an evaluation run.
     """
-    backbone.eval()
-    for head in heads.values():
-        head.eval()
     protocols = {"all": dataset}
     if any(plan.apply_to == "queries" for plan in plans):
         protocols["queries"] = hold_out_queries(dataset, queries_per_class)
@@ -144,15 +128,23 @@ def variation_study(
         varied = np.zeros(len(dataset), dtype=bool)
         varied[protocols["queries"].query_ids if plan.apply_to == "queries" else slice(None)] = True
         masks.append((plan, varied))
-    datamodule = RetrievalDataModule(dataset, max_size, batch_size)
-    descriptors, valid = describe_varied(backbone, heads, datamodule, masks, seed)
+    keys, extraction = describe_varied(engine, dataset, source, masks, seed)
+    options = EvaluationOptions(ks=list(ks), top_k=max(ks), report=False)
     rows = []
-    for (variation, apply_to, strength), by_head in descriptors.items():
-        for name, values in by_head.items():
-            results = evaluate_retrieval(values, protocols[apply_to], valid, ks, top_k=max(ks))
-            rows.append({"variation": variation, "apply_to": apply_to, "strength": strength, "descriptor": name,
+    for (variation, apply_to, strength), by_head in keys.items():
+        for head, key in by_head.items():
+            protocol = protocols[apply_to]
+            if key in extraction.local_features:
+                if local_scoring is None:
+                    raise ConfigError(f"the study's local head '{head}' needs local search options")
+                scored = score_local(extraction.local_features[key], extraction.valid, protocol, options,
+                                     local_scoring, (pca_dims or {}).get(head))
+            else:
+                scored = score_global(extraction.descriptors[key], extraction.valid, protocol, options)
+            results = scored.results
+            rows.append({"variation": variation, "apply_to": apply_to, "strength": strength, "descriptor": head,
                          "n_queries": int(results.evaluated.sum()), "n_database": int(results.database_ids.size),
-                         **summarise(results, ks)})
+                         **metric_summary(results, ks)})
     return rows
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from hetretrieval.data.datamodule import SizeBucketBatchSampler, collate_same_size, merge_gathered
+from hetretrieval.extraction.batching import SizeBucketBatchSampler, collate_same_size, merge_gathered
 
 SHAPES = [(4, 6), (6, 4), (4, 6), None, (4, 6), (6, 4), (5, 5)]
 
@@ -38,15 +38,21 @@ def test_collate_separates_failures():
 def test_bad_crop_box_is_reported_and_never_loaded(tmp_path):
     from PIL import Image
 
-    from hetretrieval.data.datamodule import RetrievalDataModule
-    from hetretrieval.data.datasets import ImageRecord, make_dataset
+    from hetretrieval.data.datasets import ImageRecord
+    from hetretrieval.extraction.batching import ImagePlan, ImageSource
+    from hetretrieval.extraction.engine import ExtractionEngine
+    from hetretrieval.models.local.orb import OrbExtractor
 
     for name in ("a.png", "b.png"):
         Image.new("RGB", (20, 10), "red").save(tmp_path / name)
     records = [ImageRecord(tmp_path / "a.png", "x", {"crop": "2,2,12,8"}),
                ImageRecord(tmp_path / "b.png", "x", {"crop": "not,a,box"})]
-    datamodule = RetrievalDataModule(make_dataset("crops", records), max_size=None, batch_size=2)
-    datamodule.setup()
-    assert list(datamodule.unreadable) == [1] and "x1,y1,x2,y2" in datamodule.unreadable[1]
-    (batch,) = list(datamodule.predict_dataloader())
+    plan = ImagePlan.scan(records, ImageSource(max_size=None))
+    assert list(plan.unreadable) == [1] and "x1,y1,x2,y2" in plan.unreadable[1]
+    (batch,) = list(ExtractionEngine(None, {"orb": OrbExtractor()}, batch_size=2).loader(records, plan))
     assert batch["index"].tolist() == [0] and batch["images"].shape == (1, 3, 6, 10)
+
+
+def test_ids_restrict_the_batches():
+    batches = list(SizeBucketBatchSampler(SHAPES, batch_size=4, ids=[5, 0, 1]))
+    assert sorted(i for b in batches for i in b) == [0, 1, 5]

@@ -13,11 +13,11 @@ import torch
 
 from hetretrieval.errors import ConfigError
 from hetretrieval.models.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
-from hetretrieval.training.datamodule import TrainingDataModule, extract_descriptors
+from hetretrieval.training.datamodule import TrainingDataModule, describe_crops
 from hetretrieval.training.losses import all_pairs
 
 if TYPE_CHECKING:
-    from hetretrieval.models.module import RetrievalModule
+    from hetretrieval.training.module import FineTuningModule
 
 _KINDS = ("none", "lw", "pca")
 
@@ -33,14 +33,14 @@ class WhiteningOptions:
             raise ConfigError(f"whitening kind must be one of {_KINDS}, got {self.kind!r}")
 
 
-def fit_whitening(module: RetrievalModule, datamodule: TrainingDataModule, options: WhiteningOptions) -> Whitening:
+def fit_whitening(module: FineTuningModule, datamodule: TrainingDataModule, options: WhiteningOptions) -> Whitening:
     """Fit ``options.kind`` whitening on the training set's descriptors of ``module`` without its whitening."""
     if options.kind == "none":
         raise ConfigError("fit_whitening needs whitening kind lw or pca")
     previous, module.whitening = module.whitening, None
     try:
-        indices = list(range(len(datamodule.train_dataset)))
-        descriptors = extract_descriptors(module, datamodule.crops(epoch=0), indices, datamodule.batch_size)
+        descriptors = describe_crops(module, datamodule.train_dataset, datamodule.crop_plan,
+                                     range(len(datamodule.train_dataset)))
     finally:
         module.whitening = previous
     if options.kind == "pca":

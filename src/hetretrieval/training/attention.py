@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.errors import DataError
+from hetretrieval.extraction.batching import ImagePlan, ImageSource
 from hetretrieval.metrics.retrieval import label_codes
 from hetretrieval.models.local.attention import AttentionClassifier
 from hetretrieval.models.local.pipeline import StageFeatures
@@ -25,18 +26,21 @@ from hetretrieval.training.datamodule import CroppedImages, collate_crops
 
 
 class LabelledCrops(pl.LightningDataModule):
-    """Random square crops of a dataset's labelled images (unlabelled ones are left out), re-drawn every epoch."""
+    """Random square crops of a dataset's labelled, readable images (others are left out, unreadable ones
+    logged), re-drawn every epoch."""
 
     def __init__(self, dataset: RetrievalDataset, image_size: int = 224, batch_size: int = 16,
                  num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         codes = label_codes(dataset.labels)
-        self.indices = np.flatnonzero(codes >= 0)
+        plan = ImagePlan.scan(dataset.records, ImageSource(max_size=None, crop_size=image_size), verify=True)
+        self.indices = np.flatnonzero((codes >= 0) & plan.readable)
         self.n_classes = int(codes.max()) + 1 if self.indices.size else 0
         if self.n_classes < 2:
             raise DataError(f"attention training needs labelled images of at least 2 classes in '{dataset.name}'")
-        self.images = CroppedImages([dataset.records[i].path for i in self.indices], codes[self.indices].tolist(),
-                                    image_size, seed)
+        records = [dataset.records[i] for i in self.indices]
+        self.images = CroppedImages(records, codes[self.indices].tolist(),
+                                    ImagePlan.scan(records, ImageSource(max_size=None, crop_size=image_size)), seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
     def train_dataloader(self) -> DataLoader:

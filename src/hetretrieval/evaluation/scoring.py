@@ -1,0 +1,121 @@
+"""Score one descriptor of a run: one search, reused by every metric the dataset's protocol defines.
+
+Global descriptors are ranked by exact search, local features by votes and spatial verification; a global
+ranking may be re-ranked by local features. Whatever produced the ranking, it is scored once by
+`evaluate_rankings` and, for Revisited Oxford/Paris, the very same ranking by the official Easy/Medium/Hard
+protocols: no second search, and the revisited scores exist for every descriptor kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetretrieval.config import EvaluationOptions
+from hetretrieval.data.datasets import RetrievalDataset
+from hetretrieval.index.local import (
+    LocalSearchOptions,
+    build_descriptor_index,
+    index_memory,
+    local_rankings,
+    reduce_dimension,
+    rerank_rankings,
+    stack_descriptors,
+)
+from hetretrieval.index.search import RankingBatch, iter_rankings
+from hetretrieval.metrics.retrieval import Protocol, RetrievalResults, evaluate_rankings, search_protocol
+from hetretrieval.metrics.revisited import evaluate_revisited, revisited_summary
+from hetretrieval.models.local.features import LocalFeatures
+from hetretrieval.models.local.ransac import GeometricVerifier
+
+
+@dataclass(frozen=True)
+class LocalScoring:
+    """How local features are searched (`search`) and verified (`verifier`); `rerank_top_k` set: re-rank."""
+
+    verifier: GeometricVerifier
+    search: LocalSearchOptions
+    rerank_top_k: int | None = None
+
+
+@dataclass
+class Scored:
+    """A descriptor's results, the facts of how they were obtained, and the protocol's extra scores."""
+
+    results: RetrievalResults
+    info: dict = field(default_factory=dict)
+    revisited: dict[str, float] | None = None
+    local_features: list[LocalFeatures] | None = None  # as searched (after PCA), described images in order
+
+
+def score_global(descriptors: np.ndarray, valid: np.ndarray, dataset: RetrievalDataset,
+                 options: EvaluationOptions, rerank: tuple[list[LocalFeatures | None], LocalScoring] | None = None
+                 ) -> Scored:
+    """Exact search over `descriptors (N, D)` (optionally re-ranked by local features), then every metric."""
+    protocol = search_protocol(dataset.query_ids, dataset.database_ids, valid)
+    rankings: Iterable[RankingBatch] = iter_rankings(
+        descriptors[protocol.query_ids], descriptors[protocol.database_ids], protocol.exclude,
+        options.max_batch_entries)
+    info: dict = {}
+    if rerank is not None:
+        features, scoring = rerank
+        rankings = rerank_rankings(rankings, [features[i] for i in protocol.query_ids],
+                                   [features[i] for i in protocol.database_ids], scoring.verifier,
+                                   scoring.rerank_top_k, scoring.search.mutual, scoring.search.ratio)
+        info["rerank_top_k"] = scoring.rerank_top_k
+    return _score(rankings, dataset, protocol, options, info)
+
+
+def score_local(features: Sequence[LocalFeatures | None], valid: np.ndarray, dataset: RetrievalDataset,
+                options: EvaluationOptions, scoring: LocalScoring, pca_dim: int | None = None) -> Scored:
+    """Local search (PQ votes, then spatial verification of the shortlist), then every metric."""
+    protocol = search_protocol(dataset.query_ids, dataset.database_ids, valid)
+    described = np.flatnonzero(valid)
+    by_record = dict(zip(described.tolist(), (features[i] for i in described), strict=True))
+    if pca_dim is not None:  # DELF's PCA, learned on the database's descriptors
+        reduced = reduce_dimension(list(by_record.values()), [by_record[i] for i in protocol.database_ids], pca_dim)
+        by_record = dict(zip(described.tolist(), reduced, strict=True))
+    database = [by_record[i] for i in protocol.database_ids]
+    stacked, _ = stack_descriptors(database)
+    index = build_descriptor_index(stacked, scoring.search)
+    rankings = local_rankings([by_record[i] for i in protocol.query_ids], database, protocol.exclude,
+                              scoring.verifier, scoring.search, index)
+    info = {"local_index": index_memory(index, stacked), "shortlist": scoring.search.shortlist,
+            "local_dim": int(stacked.shape[1]) if stacked.size else 0,
+            "mean_keypoints": round(float(np.mean([len(f) for f in by_record.values()])), 1) if by_record else 0.0}
+    scored = _score(rankings, dataset, protocol, options, info)
+    scored.local_features = list(by_record.values())
+    return scored
+
+
+def _score(rankings: Iterable[RankingBatch], dataset: RetrievalDataset, protocol: Protocol,
+           options: EvaluationOptions, info: dict) -> Scored:
+    ground_truth = getattr(dataset, "ground_truth", None)
+    kept: list[RankingBatch] | None = [] if ground_truth is not None else None
+    results = evaluate_rankings(_keep(rankings, kept), dataset.labels, protocol, options.ks, options.top_k)
+    revisited = None
+    if kept is not None:
+        revisited = _revisited_scores(kept, dataset, protocol, options.ks)
+    return Scored(results, info, revisited)
+
+
+def _keep(rankings: Iterable[RankingBatch], kept: list | None) -> Iterator[RankingBatch]:
+    for batch in rankings:
+        if kept is not None:
+            kept.append(batch)
+        yield batch
+
+
+def _revisited_scores(batches: list[RankingBatch], dataset, protocol: Protocol,
+                      ks: Sequence[int]) -> dict[str, float]:
+    """The official protocols on the search's own ranking: rows for the described queries, database indices
+    in the ground truth's `imlist` order (`dataset.database_ids` is that list)."""
+    positions = np.concatenate([b.positions for b in sorted(batches, key=lambda b: b.start)])
+    imlist_index = np.full(len(dataset), -1, dtype=np.int64)
+    imlist_index[dataset.database_ids] = np.arange(dataset.database_ids.size)
+    ranking = imlist_index[protocol.database_ids[positions]]
+    query_rows = np.searchsorted(dataset.query_ids, protocol.query_ids)
+    queries = [dataset.ground_truth.queries[i] for i in query_rows]
+    return revisited_summary(evaluate_revisited(ranking, queries, ks))

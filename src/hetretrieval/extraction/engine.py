@@ -1,0 +1,281 @@
+"""The extraction engine: the one loop that turns a dataset's images into descriptors.
+
+Evaluation, training validation and mining, whitening fits, NetVLAD's initialisation, the local pipeline and
+the controlled-variation study all describe images through `ExtractionEngine`. It owns the size-bucketed
+loader (`batching`), device placement, multi-scale (through `RetrievalNetwork`), many heads per backbone pass,
+local extractors, skip-and-report of unreadable images, DDP sharding and the de-duplicating gather, and the
+progress bar. Lightning may drive the loop (`ExtractionModule`, for accelerators and DDP); otherwise
+`ExtractionEngine.extract` iterates itself: both run the same per-batch code and the same collector.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hetretrieval.data.datasets import ImageRecord
+from hetretrieval.errors import ConfigError
+from hetretrieval.extraction.batching import (
+    ImageFileDataset,
+    ImagePlan,
+    ImageSource,
+    SizeBucketBatchSampler,
+    collate_same_size,
+    merge_gathered,
+)
+from hetretrieval.models.local.features import LocalFeatures
+from hetretrieval.models.network import RetrievalNetwork
+
+log = logging.getLogger(__name__)
+
+NOT_EXTRACTED = "not extracted (prediction stopped early: fast_dev_run or a batch limit)"
+LocalExtractor = Callable[[torch.Tensor], LocalFeatures]  # (3, H, W) in [0, 1] -> features (DELF, ORB)
+
+
+@dataclass(frozen=True)
+class View:
+    """A transformed copy of some images, described beside the clean ones (the controlled study).
+
+    `transform(images (b, 3, H, W), index (b,))` returns the varied images; `applies_to (N,)` marks the records
+    it varies: the others keep their clean descriptors. A view's descriptors are the heads `<view>/<head>`.
+    """
+
+    transform: Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+    applies_to: np.ndarray
+
+
+@dataclass
+class Extraction:
+    """Descriptors of a dataset in record order (zero rows / None where not described).
+
+    `descriptors[head]` is `(N, D)` float32, `local_features[head]` a list of N `LocalFeatures` or None (a
+    `View`'s heads are `<view>/<head>`). `skipped` maps record index -> reason;
+    `complete` is False when extraction stopped early (fast_dev_run), which is never cached.
+    """
+
+    valid: np.ndarray
+    skipped: dict[int, str]
+    descriptors: dict[str, np.ndarray] = field(default_factory=dict)
+    local_features: dict[str, list[LocalFeatures | None]] = field(default_factory=dict)
+    seconds: float = 0.0
+    complete: bool = True
+
+    @property
+    def images_per_second(self) -> float:
+        return float(self.valid.sum()) / max(self.seconds, 1e-9)
+
+
+def default_device() -> torch.device:
+    """The accelerator when present (CUDA, then Apple MPS), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class ExtractionEngine(nn.Module):
+    """`network` (backbone + global heads, may be None) and `local` extractors over batches of images.
+
+    `batch_size` images of one size per batch (`SizeBucketBatchSampler`); `num_workers` decoding processes,
+    which on CPU overlap decoding with the forward pass.
+    """
+
+    def __init__(self, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None = None,
+                 batch_size: int = 4, num_workers: int = 0, progress: bool = True) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"extraction batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"extraction num_workers must be >= 0, got {num_workers}")
+        if network is None and not local:
+            raise ConfigError("nothing to extract: no global head and no local extractor")
+        self.network = network
+        self.local = dict(local or {})
+        # extractors that are modules (DELF) move with the engine; ORB runs on the CPU
+        self.local_modules = nn.ModuleDict({k: v for k, v in self.local.items() if isinstance(v, nn.Module)})
+        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+
+    @property
+    def head_names(self) -> list[str]:
+        return [*(self.network.heads if self.network is not None else ()), *self.local]
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(self.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def loader(self, records: Sequence[ImageRecord], plan: ImagePlan, ids: Sequence[int] | None = None,
+               rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Size-exact batches `{"index", "images", "failed"}` of `records` (or of `ids`), this rank's share."""
+        sampler = SizeBucketBatchSampler(plan.shapes, self.batch_size, world_size, rank, ids)
+        return DataLoader(ImageFileDataset(records, plan), batch_sampler=sampler, collate_fn=collate_same_size,
+                          num_workers=self.num_workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available())
+
+    @torch.inference_mode()
+    def describe_batch(self, batch: dict, views: Mapping[str, View] | None = None) -> dict:
+        """One batch -> `{"index" (b,), "descriptors": {head: (b, D)}, "local": {head: [features]},
+        "failed": [(index, reason)]}` (on the CPU); a view's heads are named `<view>/<head>`."""
+        index = batch["index"].cpu().numpy()
+        images = batch["images"].to(self.device, non_blocking=True)
+        output = {"index": index, "descriptors": {}, "local": {}, "failed": list(batch["failed"])}
+        if not index.size:
+            return output
+        self._describe(images, output)
+        for view_name, view in (views or {}).items():
+            rows = view.applies_to[index]
+            varied: dict = {"descriptors": {}, "local": {}}
+            if rows.any():
+                selected = torch.from_numpy(rows).to(images.device)
+                self._describe(view.transform(images[selected], index[rows]), varied)
+            for name, clean in list(output["descriptors"].items()):
+                if "/" not in name:
+                    described = clean.copy()
+                    if rows.any():
+                        described[rows] = varied["descriptors"][name]
+                    output["descriptors"][f"{view_name}/{name}"] = described
+            for name, clean in list(output["local"].items()):
+                if "/" not in name:
+                    replaced = iter(varied["local"].get(name, []))
+                    output["local"][f"{view_name}/{name}"] = [next(replaced) if r else f
+                                                              for r, f in zip(rows, clean, strict=True)]
+        return output
+
+    def _describe(self, images: torch.Tensor, output: dict) -> None:
+        """Every head's descriptors of `images` into `output["descriptors"]` / `output["local"]`."""
+        if self.network is not None:
+            for name, d in self.network(images).items():
+                output["descriptors"][name] = d.float().cpu().numpy()
+        for name, extractor in self.local.items():
+            output["local"][name] = [extractor(image) for image in images]
+
+    def collector(self, n_images: int, plan: ImagePlan, total: int | None = None) -> Collector:
+        """Accumulates this rank's batches; `finish` gathers every rank's, in dataset order."""
+        return Collector(n_images, plan, total if total is not None else int(plan.readable.sum()),
+                         self.progress)
+
+    def extract(self, records: Sequence[ImageRecord], source: ImageSource | ImagePlan,
+                ids: Sequence[int] | None = None, views: Mapping[str, View] | None = None) -> Extraction:
+        """Describe `records` (or only `ids`) in this process, on the engine's device."""
+        plan = source if isinstance(source, ImagePlan) else ImagePlan.scan(records, source)
+        wanted = plan.readable if ids is None else np.isin(np.arange(len(records)), ids) & plan.readable
+        collector = self.collector(len(records), plan, int(wanted.sum()))
+        modes = {module: module.training for module in self.modules()}
+        self.eval()
+        try:
+            for batch in self.loader(records, plan, ids):
+                collector.add(self.describe_batch(batch, views))
+        finally:  # each module back to its own mode (frozen batch-norm layers stay frozen)
+            for module, training in modes.items():
+                module.training = training
+        return collector.finish(ids)
+
+    def feature_maps(self, records: Sequence[ImageRecord], plan: ImagePlan,
+                     ids: Sequence[int]) -> Iterator[torch.Tensor]:
+        """The backbone's `(C, h, w)` map of each readable record of `ids` (data-initialised heads: NetVLAD)."""
+        if self.network is None:
+            raise ConfigError("feature maps need a backbone")
+        backbone = self.network.backbone.eval()
+        with torch.inference_mode():
+            for batch in self.loader(records, plan, ids):
+                for reason in (reason for _, reason in batch["failed"]):
+                    log.warning("skipping image: %s", reason)
+                if len(batch["index"]):
+                    yield from backbone(batch["images"].to(self.device))
+
+
+class Collector:
+    """Per-rank accumulation of described batches, then the gather into an `Extraction` (rank order-free)."""
+
+    def __init__(self, n_images: int, plan: ImagePlan, total: int, progress: bool) -> None:
+        self.n_images, self.plan = n_images, plan
+        self.indices: list[np.ndarray] = []
+        self.descriptors: dict[str, list[np.ndarray]] = {}
+        self.local: dict[str, dict[int, LocalFeatures]] = {}
+        self.failed: dict[int, str] = {}
+        self.started = time.perf_counter()
+        self.bar = _progress_bar(total) if progress and _is_rank_zero() else None
+
+    def add(self, output: dict) -> None:
+        for index, reason in output["failed"]:
+            log.warning("skipping image: %s", reason)
+            self.failed[int(index)] = reason
+        if self.bar is not None:
+            self.bar.update(len(output["index"]) + len(output["failed"]))
+        if not len(output["index"]):
+            return
+        self.indices.append(output["index"])
+        for name, values in output["descriptors"].items():
+            self.descriptors.setdefault(name, []).append(values)
+        for name, features in output["local"].items():
+            self.local.setdefault(name, {}).update(zip(output["index"].tolist(), features, strict=True))
+
+    def finish(self, ids: Sequence[int] | None = None) -> Extraction:
+        """Gather every rank's batches and merge them in dataset order (on every rank)."""
+        seconds = time.perf_counter() - self.started
+        if self.bar is not None:
+            self.bar.close()
+        indices = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
+
+        def stacked(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+        state = (indices, {k: stacked(v) for k, v in self.descriptors.items()}, self.local, self.failed)
+        gathered = _all_gather(state)
+        valid = np.zeros(self.n_images, dtype=bool)
+        extraction = Extraction(valid, dict(self.plan.unreadable), seconds=seconds)
+        heads = {name for part in gathered for name in part[1]}
+        for name in sorted(heads):
+            extraction.descriptors[name], valid_head = merge_gathered(
+                [(part[0], part[1][name]) for part in gathered if name in part[1]], self.n_images)
+            valid |= valid_head
+        for part in gathered:
+            valid[part[0]] = True
+            for name, features in part[2].items():
+                merged = extraction.local_features.setdefault(name, [None] * self.n_images)
+                for index, value in features.items():
+                    if merged[index] is None:
+                        merged[index] = value
+            extraction.skipped.update(part[3])
+        wanted = self.plan.readable.copy()
+        if ids is not None:
+            wanted &= np.isin(np.arange(self.n_images), ids)
+        not_reached = np.flatnonzero(wanted & ~valid & ~np.isin(np.arange(self.n_images), list(extraction.skipped)))
+        for index in not_reached:  # e.g. fast_dev_run / limit_predict_batches: say so, never hide it
+            extraction.skipped[int(index)] = NOT_EXTRACTED
+        extraction.complete = not_reached.size == 0
+        extraction.skipped = dict(sorted(extraction.skipped.items()))
+        log.info("described %d images in %.1f s (%.1f images/s)", int(valid.sum()), seconds,
+                 extraction.images_per_second)
+        return extraction
+
+
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _all_gather(obj) -> list:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+def _progress_bar(total: int):
+    """A tqdm bar counting images (with images/s) when the console is interactive, else nothing."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="describing", dynamic_ncols=True, leave=False)

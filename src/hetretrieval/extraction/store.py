@@ -1,0 +1,207 @@
+"""The descriptor store: descriptors cached under `paths.cache_dir`, keyed by everything that determines them.
+
+A head's entry is keyed by a SHA-256 fingerprint of the backbone (name and weights digest), the head (config
+and state digest: GeM's p, NetVLAD's centroids, whitening), how images are read (`max_size`, `max_pixels`, crop
+size, `scales`) and every image (path, byte size, mtime, crop box). Any change is a miss. Entries are written
+to a temporary name and renamed, so a reader never sees half an entry; an entry that fails to load (truncated,
+corrupt: the zip's CRC-32 is checked on read) or disagrees with its key is reported, deleted and rebuilt.
+Entries hold arrays only (`allow_pickle=False`): nothing in them can name a callable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hetretrieval.data.datasets import ImageRecord
+from hetretrieval.data.images import CROP_KEY
+from hetretrieval.extraction.batching import ImageSource
+from hetretrieval.extraction.engine import Extraction
+from hetretrieval.models.local.features import LocalFeatures
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def module_digest(module: nn.Module | None) -> str | None:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every parameter and buffer)."""
+    if module is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def describe_component(component) -> dict:
+    """What identifies a head or extractor: its class, its plain settings and its state digest."""
+    settings = asdict(component) if is_dataclass(component) else {
+        key: value for key, value in vars(component).items()
+        if not key.startswith("_") and key != "training" and isinstance(value, int | float | str | bool | tuple | list | type(None))}
+    return {"class": f"{type(component).__module__}.{type(component).__qualname__}", "settings": settings,
+            "state": module_digest(component) if isinstance(component, nn.Module) else None}
+
+
+def images_fingerprint(records: Sequence[ImageRecord]) -> list:
+    """`[path, bytes, mtime_ns, crop box]` per image (a missing file fingerprints as such)."""
+    rows = []
+    for record in records:
+        try:
+            stat = os.stat(record.path)
+            rows.append([str(record.path), stat.st_size, stat.st_mtime_ns, record.metadata.get(CROP_KEY)])
+        except OSError:
+            rows.append([str(record.path), None, None, record.metadata.get(CROP_KEY)])
+    return rows
+
+
+def fingerprint(*parts) -> str:
+    """SHA-256 of the canonical JSON of `parts`."""
+    text = json.dumps([FORMAT_VERSION, *parts], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def extraction_fingerprint(records: Sequence[ImageRecord], source: ImageSource, backbone: nn.Module | None,
+                           scales: Sequence[float]) -> str:
+    """The part of every head's key shared by one run: images, how they are read, the backbone."""
+    return fingerprint({"images": images_fingerprint(records), "source": asdict(source),
+                        "scales": [float(s) for s in scales],
+                        "backbone": getattr(backbone, "model_name", None), "weights": module_digest(backbone)})
+
+
+class DescriptorStore:
+    """Entries `<root>/<head>-<key>.npz`, one per (extraction fingerprint, head). `root=None` disables it."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = None if root is None else Path(root)
+
+    def key(self, shared: str, head: str, component, whitening: nn.Module | None = None) -> str:
+        return fingerprint(shared, head, describe_component(component), module_digest(whitening))
+
+    def path(self, head: str, key: str) -> Path:
+        return self.root / f"{head}-{key[:24]}.npz"
+
+    def load(self, head: str, key: str, n_images: int) -> Extraction | None:
+        """The stored extraction of one head, or None (absent, disabled, or broken: then reported and removed)."""
+        if self.root is None or not self.path(head, key).is_file():
+            return None
+        path = self.path(head, key)
+        try:
+            with np.load(path, allow_pickle=False) as entry:
+                arrays = {name: entry[name] for name in entry.files}
+            if str(arrays["key"]) != key or arrays["valid"].shape != (n_images,):
+                raise ValueError("the entry does not belong to this key")
+            return _unpack(head, arrays)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            log.warning("descriptor cache entry %s is unreadable (%s: %s): rebuilding it", path,
+                        type(error).__name__, error)
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, head: str, key: str, extraction: Extraction) -> Path | None:
+        """Store one head of a complete extraction atomically (an incomplete one is never stored)."""
+        if self.root is None or not extraction.complete:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path(head, key)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with partial.open("wb") as handle:
+                np.savez(handle, **_pack(head, key, extraction))
+            os.replace(partial, path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            log.warning("could not store descriptors in %s (%s): continuing without the cache", path, error)
+            return None
+        return path
+
+
+def _pack(head: str, key: str, extraction: Extraction) -> dict[str, np.ndarray]:
+    skipped_ids = np.array(list(extraction.skipped), dtype=np.int64)
+    arrays = {"key": np.array(key), "valid": extraction.valid, "skipped_ids": skipped_ids,
+              "skipped_reasons": np.array([extraction.skipped[i] for i in skipped_ids.tolist()], dtype=str),
+              "seconds": np.array(extraction.seconds)}
+    if head in extraction.descriptors:
+        arrays["descriptors"] = extraction.descriptors[head].astype(np.float32)
+        return arrays
+    described = [f for f in extraction.local_features[head] if f is not None]
+    counts = np.array([len(f) for f in described], dtype=np.int64)
+    dim = described[0].descriptors.shape[1] if described else 0
+    dtype = described[0].descriptors.dtype if described else np.float32
+    arrays.update({
+        "keypoints": np.concatenate([f.keypoints for f in described]) if described else np.zeros((0, 2), np.float32),
+        "local_descriptors": np.concatenate([f.descriptors for f in described]) if described
+        else np.zeros((0, dim), dtype),
+        "scores": np.concatenate([f.scores for f in described]) if described else np.zeros(0, np.float32),
+        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "image_sizes": np.array([f.image_size for f in described], dtype=np.int64).reshape(-1, 2),
+        "owners": np.array([i for i, f in enumerate(extraction.local_features[head]) if f is not None], np.int64),
+    })
+    return arrays
+
+
+def _unpack(head: str, arrays: Mapping[str, np.ndarray]) -> Extraction:
+    valid = arrays["valid"].astype(bool)
+    skipped = dict(zip(arrays["skipped_ids"].tolist(), arrays["skipped_reasons"].tolist(), strict=True))
+    extraction = Extraction(valid, skipped, seconds=float(arrays["seconds"]))
+    if "descriptors" in arrays:
+        extraction.descriptors[head] = arrays["descriptors"]
+        return extraction
+    features: list[LocalFeatures | None] = [None] * valid.size
+    offsets = arrays["offsets"]
+    for row, owner in enumerate(arrays["owners"].tolist()):
+        start, end = offsets[row], offsets[row + 1]
+        features[owner] = LocalFeatures(arrays["keypoints"][start:end], arrays["local_descriptors"][start:end],
+                                        arrays["scores"][start:end], tuple(int(v) for v in arrays["image_sizes"][row]))
+    extraction.local_features[head] = features
+    return extraction
+
+
+class CachedHeads:
+    """The store's view of one run: each head's key, the heads found (`hits`) and the rest to extract.
+
+    `complete(fresh)` stores the freshly extracted heads and returns them merged with the hits.
+    """
+
+    def __init__(self, store: DescriptorStore, keys: Mapping[str, str], n_images: int) -> None:
+        self.store, self.keys = store, dict(keys)
+        started = time.perf_counter()
+        self.found = {head: self.store.load(head, key, n_images) for head, key in self.keys.items()}
+        self.load_seconds = time.perf_counter() - started
+        self.hits = {head for head, entry in self.found.items() if entry is not None}
+
+    @property
+    def missing(self) -> list[str]:
+        return [head for head in self.keys if head not in self.hits]
+
+    def status(self, head: str) -> str:
+        """`hit` when the head's descriptors came from the store, else `miss`."""
+        return "hit" if head in self.hits else "miss"
+
+    def complete(self, fresh: Extraction | None) -> Extraction:
+        if fresh is not None:
+            for head in self.missing:
+                self.store.save(head, self.keys[head], fresh)
+        parts = [entry for entry in self.found.values() if entry is not None] + ([fresh] if fresh else [])
+        merged = Extraction(parts[0].valid.copy(), {}, seconds=self.load_seconds + (fresh.seconds if fresh else 0.0),
+                            complete=all(p.complete for p in parts))
+        for part in parts:
+            merged.valid |= part.valid
+            merged.skipped.update(part.skipped)
+            merged.descriptors.update(part.descriptors)
+            merged.local_features.update(part.local_features)
+        merged.skipped = dict(sorted(merged.skipped.items()))
+        return merged
