@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -30,7 +32,10 @@ from scipy.stats import spearmanr
 
 from hetretrieval.models.local.matching import match_features
 from hetretrieval.models.local.orb import extract_orb
-from hetretrieval.models.local.ransac import GeometricVerifier, ransac_opencv
+from hetretrieval.models.local.ransac import GeometricVerifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from opencv_reference import ransac_opencv  # noqa: E402
 
 
 def photographs() -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ fails before any image is read; errors raised inside `_target_` constructors com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,16 @@ def instantiate(node: DictConfig, **kwargs) -> Any:
                 raise ConfigError(str(cause).split("\n")[0]) from None
             cause = cause.__cause__ or cause.__context__
         raise
+
+
+def empty_dict_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Empty every node that a command-line override sets to `{}`: Hydra merges a dict override into the
+    composed node, so `test.datasets={}` alone would keep the test sets an experiment defines."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if not override.is_delete() and override.value() == {}:
+            OmegaConf.update(cfg, override.key_or_group, {}, merge=False)
 
 
 def compose_option(group: str, name: str, context: DictConfig) -> DictConfig:

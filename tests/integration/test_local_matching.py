@@ -17,7 +17,8 @@ from hetretrieval.analysis.figures import draw_matches
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.matching import match_features
 from hetretrieval.models.local.orb import extract_orb
-from hetretrieval.models.local.ransac import GeometricVerifier, ransac_opencv
+from hetretrieval.models.local.ransac import GeometricVerifier
+from opencv_reference import ransac_opencv
 
 RATIO = 0.9
 THRESHOLD = 5.0

@@ -20,9 +20,9 @@ from hetretrieval.models.local.ransac import (
     fit_homography,
     pad_correspondences,
     ransac_batched,
-    ransac_opencv,
     transfer_error,
 )
+from opencv_reference import ransac_opencv
 
 THRESHOLD = 3.0
 AFFINE = np.array([[0.9, -0.25, 40.0], [0.3, 1.1, -15.0], [0.0, 0.0, 1.0]])

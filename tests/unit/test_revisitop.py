@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hetretrieval.data.images import clip_box
 from hetretrieval.data.revisitop import (
-    crop_to_bbx,
     download_revisitop,
     image_path,
     load_revisitop,
@@ -22,12 +22,11 @@ def test_image_path_follows_official_layout():
     assert image_path("/data/roxford5k", "all_souls_000013") == Path("/data/roxford5k/jpg/all_souls_000013.jpg")
 
 
-def test_crop_rounds_and_clips_to_the_image():
-    image = Image.new("RGB", (100, 80))
-    assert crop_to_bbx(image, (10.4, 20.6, 50.5, 60.2)).size == (40, 39)  # (10, 21) to (50, 60)
-    assert crop_to_bbx(image, (-5.0, -3.0, 140.0, 95.0)).size == (100, 80)
-    with pytest.raises(ConfigError, match="does not overlap"):
-        crop_to_bbx(image, (120.0, 10.0, 150.0, 40.0))
+def test_query_boxes_round_and_clip_to_the_image():
+    assert clip_box(80, 100, (10.4, 20.6, 50.5, 60.2)) == (10, 21, 50, 60)
+    assert clip_box(80, 100, (-5.0, -3.0, 140.0, 95.0)) == (0, 0, 100, 80)
+    with pytest.raises(ValueError, match="does not overlap"):
+        clip_box(80, 100, (120.0, 10.0, 150.0, 40.0))
 
 
 def test_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from hetretrieval.analysis.correlation import (
     plot_table_heatmap,
     write_correlations_csv,
 )
-from hetretrieval.analysis.results import SUMMARY, SavedRun, load_images, load_run
+from hetretrieval.analysis.results import SUMMARY, SUPERSEDED, SavedRun, load_images, load_run
 from hetretrieval.analysis.tables import format_markdown_table
 from hetretrieval.errors import ConfigError, DataError
 
@@ -41,13 +41,15 @@ HIGHLIGHTED = 3  # the paper bolds the best three descriptors of each class
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run directories named by `paths`: each a run itself, or a (multi)run folder searched recursively."""
+    """Run directories named by `paths`: each a run itself, or a (multi)run folder searched recursively
+    (earlier results a re-run moved to `superseded-*/` are not runs of the sweep)."""
     runs: list[Path] = []
     for path in map(Path, paths):
         if (path / SUMMARY).is_file():
             runs.append(path)
         elif path.is_dir():
-            runs.extend(sorted(p.parent for p in path.rglob(SUMMARY)))
+            runs.extend(sorted(p.parent for p in path.rglob(SUMMARY)
+                               if not any(part.startswith(SUPERSEDED) for part in p.relative_to(path).parts)))
         else:
             raise DataError(f"'{path}' does not exist")
     if not runs:
@@ -229,7 +231,12 @@ def compare_runs(paths: Sequence[str | Path], annotations: str | Path | None = "
     if predominance is not None:
         scores = predominance.with_overall_difficulty()
         finite_classes = [c for c, line in zip(per_class.index, per_class.values, strict=True) if np.isfinite(line).all()]
-        correlations = tuple(correlate(scores, per_class.select(index=finite_classes), n_resamples, seed=seed))
+        try:
+            correlations = tuple(correlate(scores, per_class.select(index=finite_classes), n_resamples, seed=seed))
+        except DataError as error:  # `auto` correlates where the runs allow it (a debug run may hold one class)
+            if annotations != "auto":
+                raise
+            log.info("no correlation with the image tags: %s", error)
     return Comparison(labels, runs, per_class, predominance, correlations)
 
 

@@ -5,7 +5,9 @@ Files in the run directory:
 - `per_class_map.csv`: class, n_queries, mAP, plus metadata constant within the class;
 - `per_query_ap.csv`: one row per query (AP, P@k, R@k, positives, the image's metadata);
 - `descriptors.npy` + `images.csv`: one descriptor row per image (zeros where skipped), with path/label/metadata;
-- `neighbours.npy`: the top-k database record ids of each query, in `per_query_ap.csv` order.
+- `neighbours.npy`: the top-k database record ids of each query, in `per_query_ap.csv` order;
+- `superseded-<time>/`: an earlier run's results, moved aside when the folder was run into again (skipped
+  by analyses of a multirun folder).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ PER_QUERY = "per_query_ap.csv"
 IMAGES = "images.csv"
 DESCRIPTORS = "descriptors.npy"
 NEIGHBOURS = "neighbours.npy"
+SUPERSEDED = "superseded-"
 
 
 @dataclass(frozen=True)

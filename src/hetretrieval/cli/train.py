@@ -15,9 +15,17 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hetretrieval.config import CONFIG_DIR, EvaluationOptions, ExtractionOptions, instantiate, typed
+from hetretrieval.config import (
+    CONFIG_DIR,
+    EvaluationOptions,
+    ExtractionOptions,
+    empty_dict_overrides,
+    instantiate,
+    typed,
+)
 from hetretrieval.errors import HetRetrievalError
 from hetretrieval.evaluation.run import evaluate_engine
 from hetretrieval.extraction.batching import ImageSource
@@ -61,7 +69,8 @@ def build_datamodule(cfg: DictConfig) -> TrainingDataModule:
 
 
 def test(module: FineTuningModule, cfg: DictConfig, variant: str) -> dict[str, dict]:
-    """Evaluate `module` on every `test.datasets` entry; result files under `<output_dir>/test/<name>/<variant>`."""
+    """Evaluate `module` on every `test.datasets` entry (none when it is empty or null: `test.datasets={}` or
+    `~test.datasets` drop an experiment's); result files under `<output_dir>/test/<name>/<variant>`."""
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
     source = ImageSource(extraction.max_size, extraction.max_pixels)
@@ -141,6 +150,7 @@ def _print_report(report: dict) -> None:
 def main(cfg: DictConfig) -> float | None:
     """Run one fine-tuning; returns the best validation mAP so that Hydra sweepers can optimise it."""
     os.environ.setdefault("WANDB_SILENT", "true")
+    empty_dict_overrides(cfg, HydraConfig.get().overrides.task)  # `test.datasets={}`: no test set at all
     try:
         report = train(cfg)
     except HetRetrievalError as error:

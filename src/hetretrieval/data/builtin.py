@@ -23,13 +23,14 @@ from hetretrieval.data.datasets import RetrievalDataset, csv_manifest
 from hetretrieval.data.images import resized_shape, save_image
 from hetretrieval.data.variations import VARIATIONS, apply_variation, get_variation
 from hetretrieval.errors import ConfigError
+from hetretrieval.seeding import mix_seed
 
 DEFAULT_PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
     "retina", "camera", "coins", "clock", "moon", "motorcycle",
 )
 DEFAULT_VARIATIONS = ("grayscale", "sepia", "rotation", "scale", "off_centre_crop", "blur", "ageing", "occlusion")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: variation seeds from mix_seed
 
 
 def load_skimage_photo(name: str, max_size: int | None = None) -> torch.Tensor:
@@ -77,8 +78,8 @@ def generate_benchmark(
         for variant_index, steps in enumerate(plan):
             image = original
             for step_index, (name, strength) in enumerate(steps):
-                image = apply_variation(image, name, strength, seed=seed * 1_000_003 + class_index * 1009
-                                        + variant_index * 31 + step_index)
+                image = apply_variation(image, name, strength, seed=mix_seed(seed, class_index, variant_index,
+                                                                                  step_index))
             filename = f"{photo}_{variant_index:02d}.png"
             save_image(image, output_dir / filename)
             strengths = dict(steps)

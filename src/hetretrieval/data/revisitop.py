@@ -13,7 +13,6 @@ import io
 import math
 import pickle
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hetretrieval.data.datasets import ImageRecord, RetrievalDataset
-from hetretrieval.data.images import CROP_KEY, clip_box
+from hetretrieval.data.images import CROP_KEY
 from hetretrieval.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 REVISITOP_DATASETS = ("roxford5k", "rparis6k")
 GROUND_TRUTH_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
@@ -196,17 +195,6 @@ def _parse_query(entry: Any, query_name: str, n_db: int, where: str) -> Revisito
         indices.setflags(write=False)
         labels[key] = indices
     return RevisitopQuery(name=query_name, bbx=tuple(float(v) for v in bbx), **labels)
-
-
-def crop_to_bbx(image: Image.Image, bbx: Sequence[float]) -> Image.Image:
-    """Crop a query image to its bounding box `(x1, y1, x2, y2)`, rounded to pixels and clipped to the image.
-
-    Revisited Oxford/Paris queries are evaluated on this crop, never on the full image.
-    """
-    try:
-        return image.crop(clip_box(image.height, image.width, bbx))
-    except ValueError as exc:
-        raise ConfigError(str(exc).replace("box", "bounding box", 1)) from None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hetretrieval.errors import ConfigError
 
-Variation = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
+VariationFn = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
 
 
 def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
@@ -129,7 +129,7 @@ def drawing(images: torch.Tensor, strength: float, generator: torch.Generator) -
     return _blend(images, sketch, strength)
 
 
-VARIATIONS: dict[str, Variation] = {
+VARIATIONS: dict[str, VariationFn] = {
     "grayscale": grayscale,
     "sepia": sepia,
     "illumination": illumination,
@@ -145,7 +145,7 @@ VARIATIONS: dict[str, Variation] = {
 }
 
 
-def get_variation(name: str) -> Variation:
+def get_variation(name: str) -> VariationFn:
     """Look up a variation by name, with the list of valid names on a typo."""
     try:
         return VARIATIONS[name]

@@ -7,11 +7,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from hetretrieval.analysis.results import NEIGHBOURS
 from hetretrieval.analysis.tables import format_table
 from hetretrieval.loggers import is_wandb
 from hetretrieval.metrics.revisited import PROTOCOLS
 
 log = logging.getLogger(__name__)
+
+REPORT_RESULTS = 5  # results shown per query in the report's best / worst class grids
 
 
 def write_report(run_dir: Path) -> dict[str, Path]:
@@ -23,7 +28,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
 
     report_dir = run_dir / "report"
     try:
-        paths = best_and_worst_grids(run_dir, report_dir)
+        saved = np.load(run_dir / NEIGHBOURS, mmap_mode="r").shape[1]  # fewer than 5 in a tiny (debug) run
+        paths = best_and_worst_grids(run_dir, report_dir, top_k=min(REPORT_RESULTS, saved))
         paths.update(compare_runs([run_dir], annotations="auto").write(report_dir))
     except Exception as error:  # noqa: BLE001 - reporting must not lose the evaluation just written
         log.warning("could not write the run report (%s: %s); results are saved", type(error).__name__, error)

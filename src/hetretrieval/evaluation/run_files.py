@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from hetretrieval.analysis.results import DESCRIPTORS, IMAGES, NEIGHBOURS, PER_CLASS, PER_QUERY, SUMMARY
+from hetretrieval.analysis.results import (
+    DESCRIPTORS,
+    IMAGES,
+    NEIGHBOURS,
+    PER_CLASS,
+    PER_QUERY,
+    SUMMARY,
+    SUPERSEDED,
+)
 from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.errors import DataError
 from hetretrieval.metrics.retrieval import RetrievalResults, metric_summary
@@ -43,14 +51,25 @@ def claim_output_dir(output_dir: str | Path) -> Path:
         lock.write_text(str(os.getpid()))
     except OSError as error:
         raise DataError(f"cannot write to the output folder '{output_dir}' ({error.strerror or error})") from None
-    earlier = [p for p in output_dir.iterdir() if p.name in RESULT_NAMES or (p / SUMMARY).is_file()]
+    earlier = [p for p in output_dir.iterdir() if p.name in RESULT_NAMES
+               or ((p / SUMMARY).is_file() and not p.name.startswith(SUPERSEDED))]
     if earlier:
-        aside = output_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir(exist_ok=True)
+        aside = _aside(output_dir)
         for path in earlier:
             shutil.move(str(path), aside / path.name)
         log.warning("'%s' held an earlier run's results: moved them to %s", output_dir, aside)
     return output_dir
+
+
+def _aside(output_dir: Path) -> Path:
+    """A new `superseded-<time>` folder for the earlier results (numbered when runs start within one second)."""
+    stamp = f"{SUPERSEDED}{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, number = output_dir / stamp, 1
+    while aside.exists():
+        number += 1
+        aside = output_dir / f"{stamp}-{number}"
+    aside.mkdir()
+    return aside
 
 
 def release_output_dir(output_dir: str | Path) -> None:

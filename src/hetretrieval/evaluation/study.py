@@ -29,6 +29,7 @@ from hetretrieval.evaluation.scoring import LocalScoring, score_global, score_lo
 from hetretrieval.extraction.batching import ImagePlan, ImageSource
 from hetretrieval.extraction.engine import Extraction, ExtractionEngine, View
 from hetretrieval.metrics.retrieval import metric_summary
+from hetretrieval.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def describe_varied(engine: ExtractionEngine, dataset: RetrievalDataset, source:
 
 
 def _vary(images: torch.Tensor, index: np.ndarray, variation: str, strength: float, seed: int) -> torch.Tensor:
-    return apply_variation(images, variation, strength, seed * 1_000_003 + int(index[0]))
+    return apply_variation(images, variation, strength, mix_seed(seed, int(index[0])))
 
 
 def variation_study(dataset: RetrievalDataset, engine: ExtractionEngine, plans: Sequence[StudyPlan],

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import torch
 
@@ -24,6 +24,9 @@ from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.matching import match_features
 from hetretrieval.models.local.ransac import GeometricVerifier
 from hetretrieval.models.whitening import apply_whitening, fit_pca
+
+if TYPE_CHECKING:
+    import faiss  # imported where used: faiss stays out of import time
 
 
 @dataclass
@@ -61,6 +64,8 @@ def build_descriptor_index(descriptors: np.ndarray, options: LocalSearchOptions)
     PQ codebooks have `2^bits` centroids: 256 (8-bit codes) once there are the 39 training descriptors per
     centroid faiss asks for, fewer for small collections.
     """
+    import faiss
+
     count, dim = descriptors.shape
     if descriptors.dtype == np.uint8:
         index = faiss.IndexBinaryFlat(8 * dim)
@@ -89,6 +94,8 @@ def build_descriptor_index(descriptors: np.ndarray, options: LocalSearchOptions)
 
 def index_memory(index: faiss.Index | faiss.IndexBinary, descriptors: np.ndarray) -> dict:
     """Memory of the descriptor index vs. the raw descriptors it replaces (bytes, as serialised by faiss)."""
+    import faiss
+
     binary = isinstance(index, faiss.IndexBinary)
     serialised = faiss.serialize_index_binary(index) if binary else faiss.serialize_index(index)
     flat_bytes = descriptors.shape[0] * descriptors.shape[1] * (1 if binary else 4)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
+
+if TYPE_CHECKING:
+    import faiss  # imported where used: faiss stays out of import time
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class RankingBatch:
 
 def build_flat_index(database: np.ndarray) -> faiss.Index:
     """An exact inner-product index over L2-normalised database descriptors `(N, D)`."""
+    import faiss
+
     index = faiss.IndexFlatIP(database.shape[1])
     index.add(np.ascontiguousarray(database, dtype=np.float32))
     return index

@@ -22,6 +22,7 @@ from hetretrieval.extraction.batching import ImagePlan, ImageSource
 from hetretrieval.metrics.retrieval import label_codes
 from hetretrieval.models.local.attention import AttentionClassifier
 from hetretrieval.models.local.pipeline import StageFeatures
+from hetretrieval.seeding import mix_seed
 from hetretrieval.training.datamodule import CroppedImages, collate_crops
 
 
@@ -46,7 +47,7 @@ class LabelledCrops(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer else 0
         self.images.epoch = epoch
-        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
         return DataLoader(self.images, sampler=[(draw, int(i)) for draw, i in enumerate(order)],
                           batch_size=self.batch_size, collate_fn=collate_crops, num_workers=self.num_workers)
 

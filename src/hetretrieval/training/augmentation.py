@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from hetretrieval.data.variations import VARIATIONS, get_variation
 from hetretrieval.errors import ConfigError
+from hetretrieval.seeding import mix_seed
 
 
 class VariationAugmentation(nn.Module):
@@ -36,7 +37,7 @@ class VariationAugmentation(nn.Module):
         self.seed = seed
 
     def forward(self, images: Tensor, draw: int) -> Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, draw))
         low, high = self.strength_range
         varied = []
         for image in images.split(1):

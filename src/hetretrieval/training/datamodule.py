@@ -29,6 +29,7 @@ from hetretrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_im
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.extraction.batching import ImagePlan, ImageSource
 from hetretrieval.metrics.retrieval import label_codes
+from hetretrieval.seeding import mix_seed
 from hetretrieval.training.mining import (
     ClassBalancedBatchSampler,
     MiningStrategy,
@@ -107,7 +108,7 @@ Sampling = ClassBalancedBatches | EpochTuples
 
 
 def _crop_seed(seed: int, epoch: int, draw: int) -> int:
-    return (seed * 1_000_003 + epoch) * 10_000_019 + draw
+    return mix_seed(seed, epoch, draw)
 
 
 class CroppedImages(Dataset):
@@ -232,7 +233,7 @@ class TrainingDataModule(pl.LightningDataModule):
     def mine_tuples(self, epoch: int) -> Tensor:
         """This epoch's tuples ``(n_queries, 2 + n_negatives)`` of training-set indices (see the module doc)."""
         sampling, codes = self.sampling, self.codes
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         class_sizes = torch.bincount(codes)
         eligible = torch.nonzero(class_sizes[codes] >= 2).flatten()
         if eligible.numel() == 0:

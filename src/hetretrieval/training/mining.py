@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.training.losses import TripletIndices
 
 MiningStrategy = Literal["batch_hard", "semihard"]
-TripletIndices = tuple[Tensor, Tensor, Tensor]
 
 _STRATEGIES = ("batch_hard", "semihard")
 

@@ -24,6 +24,7 @@ from hetretrieval.models.backbones import Backbone
 from hetretrieval.models.checkpoints import ARCHITECTURE, whitening_from_state
 from hetretrieval.models.network import RetrievalNetwork
 from hetretrieval.models.whitening import Whitening
+from hetretrieval.seeding import mix_seed
 from hetretrieval.training.optimization import OptimizerOptions, build_optimization
 
 
@@ -88,7 +89,7 @@ class FineTuningModule(pl.LightningModule):
         # Lightning 2.6 restores each layer's own mode instead of calling train(): apply freeze_batchnorm here.
         self.train()
         # Global randomness (dropout, drop-path) restarts from the epoch number: resumed runs match.
-        torch.manual_seed(self.seed * 1_000_003 + self.current_epoch)
+        torch.manual_seed(mix_seed(self.seed, self.current_epoch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.loss is None:
@@ -97,7 +98,7 @@ class FineTuningModule(pl.LightningModule):
         tuple_shape = images.shape[:2] if images.ndim == 5 else None
         images = images.flatten(0, 1) if tuple_shape is not None else images
         if self.augmentation is not None:
-            images = self.augmentation(images, draw=self.current_epoch * 1_000_003 + batch_idx)
+            images = self.augmentation(images, draw=mix_seed(self.current_epoch, batch_idx))
         descriptors = self.describe_for_training(images)
         if tuple_shape is not None:
             loss = self.loss(descriptors.unflatten(0, tuple_shape))

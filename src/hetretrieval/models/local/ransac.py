@@ -6,8 +6,8 @@ Two implementations of one estimator (sample minimal sets, fit, count correspond
 - `ransac_batched` (torch): many pairs at once. Correspondence sets are padded to a common `M` with a validity
   mask; all `B x iterations` minimal samples are drawn, solved and scored as batched tensor ops; the best
   model can be refit by least squares on its inliers. Fixed iteration count, fixed seed: deterministic.
-- `ransac_opencv` (OpenCV, one pair): `cv2.estimateAffine2D` / `cv2.findHomography`, kept as the reference the
-  batched path is tested against (OpenCV seeds its RANSAC internally and stops early at `confidence`).
+The tests and `benchmarks/ransac_throughput.py` compare it with OpenCV's `cv2.estimateAffine2D` /
+`cv2.findHomography` (`tests/opencv_reference.py`).
 
 Degenerate minimal samples (collinear points; for a homography, inconsistent orientations) are skipped; a pair
 with no other sample (too few or only collinear correspondences) gets 0 inliers and an all-zero model, never
@@ -302,48 +302,3 @@ class GeometricVerifier:
             for row, i in enumerate(batch):
                 masks[i] = inliers[row, : len(correspondences[i][0])]
         return masks
-
-
-def ransac_opencv(
-    src: np.ndarray,
-    dst: np.ndarray,
-    model: str = "affine",
-    threshold: float = 5.0,
-    iterations: int = 1000,
-    confidence: float = 0.999,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reference RANSAC on one pair with OpenCV: `(M, 2)` src / dst pixels -> inliers `(M,)`, model `(3, 3)`.
-
-    OpenCV scores the same transfer error against `threshold` and stops early once `confidence` is reached.
-    """
-    import cv2
-
-    _check_config(model, threshold, iterations)
-    if not 0 < confidence < 1:
-        raise ConfigError(f"OpenCV RANSAC needs 0 < confidence < 1, got {confidence}")
-    inliers, no_model = np.zeros(len(src), dtype=bool), np.zeros((3, 3))
-    if len(src) < MINIMAL_SAMPLE_SIZE[model]:
-        return inliers, no_model
-    src, dst = np.ascontiguousarray(src, dtype=np.float32), np.ascontiguousarray(dst, dtype=np.float32)
-    if model == "affine":
-        affine, mask = cv2.estimateAffine2D(
-            src,
-            dst,
-            method=cv2.RANSAC,
-            ransacReprojThreshold=threshold,
-            maxIters=iterations,
-            confidence=confidence,
-        )
-        matrix = None if affine is None else np.vstack([affine, [0, 0, 1]])
-    else:
-        matrix, mask = cv2.findHomography(
-            src,
-            dst,
-            method=cv2.RANSAC,
-            ransacReprojThreshold=threshold,
-            maxIters=iterations,
-            confidence=confidence,
-        )
-    if matrix is None or mask is None:
-        return inliers, no_model
-    return mask.ravel().astype(bool), matrix.astype(np.float64)

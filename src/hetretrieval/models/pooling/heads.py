@@ -14,9 +14,6 @@ class GlobalPooling(nn.Module):
 
     name = "pooling"
 
-    def output_dim(self, in_channels: int) -> int:
-        return in_channels
-
 
 class MAC(GlobalPooling):
     name = "mac"
