@@ -119,8 +119,7 @@ def study(cfg: DictConfig, output_dir: Path) -> dict[str, Path]:
     from hetretrieval.extraction.batching import ImagePlan, ImageSource
     from hetretrieval.extraction.engine import ExtractionEngine, default_device
     from hetretrieval.index.local import LocalSearchOptions
-    from hetretrieval.models.factory import build_head
-    from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS
+    from hetretrieval.models.factory import build_heads
     from hetretrieval.models.network import RetrievalNetwork
 
     options = cfg.study
@@ -137,16 +136,12 @@ def study(cfg: DictConfig, output_dir: Path) -> dict[str, Path]:
     verifier = instantiate(cfg.verification)
     dataset = instantiate(cfg.dataset)
     backbone = instantiate(cfg.backbone)
-    heads = {name: build_head(node, backbone) for name, node in nodes.items()}
-    global_heads = {n: h for n, h in heads.items() if not isinstance(h, LOCAL_EXTRACTORS)}
-    local = {n: h for n, h in heads.items() if isinstance(h, LOCAL_EXTRACTORS)}
+    global_heads, local = build_heads(nodes, backbone)
     source = ImageSource(extraction.max_size, extraction.max_pixels)
     network = RetrievalNetwork(backbone, global_heads, extraction.scales) if global_heads else None
     engine = ExtractionEngine(network, local, extraction.batch_size, extraction.num_workers).to(default_device())
     plan = ImagePlan.scan(dataset.records, source)
-    for head in global_heads.values():
-        if hasattr(head, "prepare"):  # NetVLAD: k-means on the clean database before the study
-            head.prepare(lambda ids: engine.feature_maps(dataset.records, plan, ids), dataset, source.max_size)
+    engine.prepare(dataset, plan)  # NetVLAD: k-means on the clean images before the study
     rows = variation_study(dataset, engine, plans, plan, options.queries_per_class, cfg.seed,
                            local_scoring=LocalScoring(verifier, local_search),
                            pca_dims={n: getattr(h, "pca_dim", None) for n, h in local.items()})

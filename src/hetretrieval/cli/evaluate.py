@@ -92,8 +92,7 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
     from hetretrieval.extraction.store import CachedHeads, DescriptorStore, extraction_fingerprint
     from hetretrieval.index.local import LocalSearchOptions
     from hetretrieval.models.checkpoints import load_fine_tuned
-    from hetretrieval.models.factory import build_head
-    from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS
+    from hetretrieval.models.factory import build_head, build_heads
     from hetretrieval.models.network import RetrievalNetwork
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -110,18 +109,18 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
             raise ConfigError("checkpoint= evaluates the fine-tuned head it holds: drop heads=[...]")
         fine_tuned = load_fine_tuned(cfg.checkpoint)
         backbone, name = fine_tuned.backbone, fine_tuned.architecture["head"]["name"]
-        built = {name: fine_tuned.head}
         whitening = {name: fine_tuned.whitening}
         nodes = {name: OmegaConf.create(fine_tuned.architecture["head"])}
+        global_heads, local = {name: fine_tuned.head}, {}
     else:
         backbone = instantiate(cfg.backbone)
-        built = {name: build_head(node, backbone) for name, node in nodes.items()}
-        if None in built:
-            head = built.pop(None)
-            built[_pooling_choice(head)] = head
-            nodes = {name: nodes[None] for name in built}
-    global_heads = {n: h for n, h in built.items() if not isinstance(h, LOCAL_EXTRACTORS)}
-    local = {n: h for n, h in built.items() if isinstance(h, LOCAL_EXTRACTORS)}
+        global_heads, local = build_heads(nodes, backbone)
+        if None in nodes:  # a single pooling=<option>: named after its option
+            group = global_heads or local
+            name = _pooling_choice(group[None])
+            group[name] = group.pop(None)
+            nodes = {name: nodes[None]}
+    built = {**global_heads, **local}
     if rerank and local:
         raise ConfigError(f"rerank re-ranks a global descriptor's ranking, not pooling={', '.join(local)}")
     rerank_name = None
@@ -132,13 +131,10 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
 
     network = RetrievalNetwork(backbone, global_heads, options.scales, whitening) if global_heads else None
     plan = ImagePlan.scan(dataset.records, source)
-    preparing = [head for head in global_heads.values() if hasattr(head, "prepare")]
-    if preparing:  # data-initialised heads (NetVLAD) learn from the images before extraction
+    if network is not None:  # data-initialised heads (NetVLAD) learn from the images before extraction
         engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers)
-        if str(cfg.trainer.get("accelerator", "auto")) != "cpu":
-            engine.to(default_device())
-        for head in preparing:
-            head.prepare(lambda ids: engine.feature_maps(dataset.records, plan, ids), dataset, source.max_size)
+        engine.to(default_device() if str(cfg.trainer.get("accelerator", "auto")) != "cpu" else "cpu")
+        engine.prepare(dataset, plan)
         engine.cpu()
 
     store = DescriptorStore(Path(cfg.paths.cache_dir) / "descriptors" if cfg.get("cache", True) else None)

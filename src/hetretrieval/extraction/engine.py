@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hetretrieval.data.datasets import ImageRecord
+from hetretrieval.data.datasets import ImageRecord, RetrievalDataset
 from hetretrieval.errors import ConfigError
 from hetretrieval.extraction.batching import (
     ImageFileDataset,
@@ -179,6 +179,13 @@ class ExtractionEngine(nn.Module):
             for module, training in modes.items():
                 module.training = training
         return collector.finish(ids)
+
+    def prepare(self, dataset: RetrievalDataset, plan: ImagePlan) -> None:
+        """Fit the data-initialised heads (NetVLAD's k-means and whitening) on `dataset`'s images, read as
+        `plan` says, before anything is described."""
+        for head in (self.network.heads.values() if self.network is not None else ()):
+            if hasattr(head, "prepare"):
+                head.prepare(lambda ids: self.feature_maps(dataset.records, plan, ids), dataset, plan.source.max_size)
 
     def feature_maps(self, records: Sequence[ImageRecord], plan: ImagePlan,
                      ids: Sequence[int]) -> Iterator[torch.Tensor]:

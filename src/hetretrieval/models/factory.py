@@ -1,6 +1,8 @@
-"""Building heads from config nodes, shared by evaluation and training."""
+"""Building heads from config nodes, shared by evaluation, the study and training."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -15,3 +17,13 @@ def build_head(node: DictConfig, backbone: nn.Module) -> nn.Module:
     options = OmegaConf.to_container(node, resolve=True)
     del options["backbone"]
     return instantiate(OmegaConf.create(options), backbone=backbone)
+
+
+def build_heads(nodes: Mapping[str, DictConfig], backbone: nn.Module) -> tuple[dict[str, nn.Module], dict]:
+    """`{name: node}` -> `(global heads, local extractors)` by name: poolings of the backbone's map, and DELF /
+    ORB, which describe images themselves."""
+    from hetretrieval.models.local.pipeline import LOCAL_EXTRACTORS
+
+    built = {name: build_head(node, backbone) for name, node in nodes.items()}
+    return ({n: h for n, h in built.items() if not isinstance(h, LOCAL_EXTRACTORS)},
+            {n: h for n, h in built.items() if isinstance(h, LOCAL_EXTRACTORS)})
