@@ -33,6 +33,7 @@ class ExtractionOptions:
     batch_size: int = 4  # images per batch, within one size bucket (benchmarks/extraction_throughput.py)
     num_workers: int = 0  # data-loading worker processes
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale extraction (e.g. [1, 0.707, 0.5])
+    scale_aggregation: str = "mean"  # how per-scale descriptors combine: mean | gem (cirtorch's msp power mean)
 
     def __post_init__(self) -> None:
         _check(self.max_size is None or self.max_size >= 16, "extraction.max_size", "an integer >= 16 or null",
@@ -43,6 +44,21 @@ class ExtractionOptions:
         _check(self.num_workers >= 0, "extraction.num_workers", "an integer >= 0", self.num_workers)
         _check(bool(self.scales) and all(s > 0 for s in self.scales), "extraction.scales",
                "a non-empty list of positive numbers", self.scales)
+        _check(self.scale_aggregation in ("mean", "gem"), "extraction.scale_aggregation", "mean or gem",
+               self.scale_aggregation)
+
+
+@dataclass
+class ExpansionOptions:
+    """αQE / DBA (Radenović et al., TPAMI 2018): each vector becomes the L2-normalised sum of itself and its
+    top-`k` database neighbours, each weighted by `max(similarity, 0) ** alpha` (alpha 0: average QE)."""
+
+    k: int = 2
+    alpha: float = 3.0
+
+    def check(self, key: str) -> None:
+        _check(self.k >= 1, f"{key}.k", "an integer >= 1", self.k)
+        _check(self.alpha >= 0, f"{key}.alpha", "a number >= 0", self.alpha)
 
 
 @dataclass
@@ -53,6 +69,8 @@ class EvaluationOptions:
     top_k: int = 100  # neighbours saved per query (neighbours.npy)
     max_batch_entries: int = 1 << 24  # similarities held at once while ranking (bounds memory)
     report: bool = True  # figures (best/worst classes), per-class heatmap, tag correlations under report/
+    query_expansion: ExpansionOptions | None = None  # αQE {k, alpha} after the search; null: off
+    dba: ExpansionOptions | None = None  # database-side augmentation {k, alpha}; null: off
 
     def __post_init__(self) -> None:
         _check(bool(self.ks) and all(k >= 1 for k in self.ks), "evaluation.ks", "a non-empty list of integers >= 1",
@@ -60,6 +78,14 @@ class EvaluationOptions:
         _check(self.top_k >= 1, "evaluation.top_k", "an integer >= 1", self.top_k)
         _check(self.max_batch_entries >= 1, "evaluation.max_batch_entries", "an integer >= 1",
                self.max_batch_entries)
+        for key, expansion in (("query_expansion", self.query_expansion), ("dba", self.dba)):
+            if expansion is not None:
+                expansion.check(f"evaluation.{key}")
+
+    @property
+    def expands(self) -> bool:
+        """Whether αQE or DBA changes the descriptors before the search."""
+        return self.query_expansion is not None or self.dba is not None
 
 
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:

@@ -138,7 +138,8 @@ def study(cfg: DictConfig, output_dir: Path) -> dict[str, Path]:
     backbone = instantiate(cfg.backbone)
     global_heads, local = build_heads(nodes, backbone)
     source = ImageSource(extraction.max_size, extraction.max_pixels)
-    network = RetrievalNetwork(backbone, global_heads, extraction.scales) if global_heads else None
+    network = (RetrievalNetwork(backbone, global_heads, extraction.scales, None, extraction.scale_aggregation)
+               if global_heads else None)
     engine = ExtractionEngine(network, local, extraction.batch_size, extraction.num_workers).to(default_device())
     plan = ImagePlan.scan(dataset.records, source)
     engine.prepare(dataset, plan)  # NetVLAD: k-means on the clean images before the study

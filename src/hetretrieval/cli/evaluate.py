@@ -4,6 +4,11 @@
 `orb` included) runs the backbone once per image and evaluates every head. Descriptors come from the store
 when nothing that determines them changed (`cache=false` turns it off); `from_run=<run dir>` re-scores a
 run's saved descriptors with other evaluation settings, without a model.
+
+`whitening=pca|lw whitening.fit_on=<dataset option>` (cirtorch's test-time `--whitening`) describes that
+dataset's images (`whitening.fit_options` merged onto its node; none of them may be an evaluated query) with the
+same network, fits one whitening per global head, and evaluates the whitened descriptors; the fit set's
+descriptors are cached like any others, and `summary.json` records the whitening under `whitening`.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
     """
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
+    test_time_whitening = _whitening_options(cfg)  # checked before any weight or image is read
+    if test_time_whitening is not None and cfg.get("from_run"):
+        raise ConfigError("from_run re-scores saved descriptors as they are: drop whitening=")
     from hetretrieval.evaluation.run_files import claim_output_dir, release_output_dir
 
     output_dir = claim_output_dir(cfg.paths.output_dir)
@@ -129,36 +137,121 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
         rerank_name = f"rerank_{reranker.name}"
         local[rerank_name] = reranker
 
-    network = RetrievalNetwork(backbone, global_heads, options.scales, whitening) if global_heads else None
+    aggregation = options.scale_aggregation
+    network = RetrievalNetwork(backbone, global_heads, options.scales, whitening, aggregation) if global_heads else None
     plan = ImagePlan.scan(dataset.records, source)
+    device = default_device() if str(cfg.trainer.get("accelerator", "auto")) != "cpu" else "cpu"
     if network is not None:  # data-initialised heads (NetVLAD) learn from the images before extraction
         engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers)
-        engine.to(default_device() if str(cfg.trainer.get("accelerator", "auto")) != "cpu" else "cpu")
+        engine.to(device)
         engine.prepare(dataset, plan)
         engine.cpu()
 
     store = DescriptorStore(Path(cfg.paths.cache_dir) / "descriptors" if cfg.get("cache", True) else None)
-    shared = extraction_fingerprint(dataset.records, source, backbone, options.scales)
+    whitening_facts: dict = {}
+    test_time = _whitening_options(cfg)
+    if test_time is not None:
+        if any(w is not None for w in whitening.values()):
+            raise ConfigError("the checkpoint holds a fitted whitening already: drop whitening=")
+        if not global_heads:
+            raise ConfigError(f"whitening={test_time.kind} whitens global descriptors; "
+                              f"pooling={', '.join(local)} has none")
+        whitening, whitening_facts = _fit_test_time_whitening(cfg, test_time, dataset, backbone, global_heads,
+                                                              options, source, store, device)
+    shared = extraction_fingerprint(dataset.records, source, backbone, options.scales, aggregation)
     cache = CachedHeads(store, {name: store.key(shared, name, head, whitening.get(name))
                                 for name, head in {**global_heads, **local}.items()}, len(dataset))
     trainer = instantiate(cfg.trainer, logger=False) if cache.missing else None
     facts = {"backbone": backbone.model_name, "scales": list(options.scales), "max_size": options.max_size,
              "device": str(trainer.strategy.root_device) if trainer is not None else None}
-    run = RunEvaluation(output_dir, dataset, _specs(built, nodes, local, whitening, rerank_name), evaluation,
-                        facts, LocalScoring(verifier, local_search, rerank.top_k if rerank else None), cache, cfg)
+    if getattr(backbone, "layer", None) is not None:
+        facts["layer"] = backbone.layer
+    if len(options.scales) > 1:
+        facts["scale_aggregation"] = aggregation
+    specs = _specs(built, nodes, local, whitening, rerank_name, whitening_facts)
+    run = RunEvaluation(output_dir, dataset, specs, evaluation, facts,
+                        LocalScoring(verifier, local_search, rerank.top_k if rerank else None), cache, cfg)
     if trainer is None:
         log.info("descriptor cache hit for %s: nothing to extract", ", ".join(cache.hits))
         return run(None)
     missing = {n: h for n, h in global_heads.items() if n in cache.missing}
-    engine = ExtractionEngine(RetrievalNetwork(backbone, missing, options.scales, whitening) if missing else None,
+    engine = ExtractionEngine(RetrievalNetwork(backbone, missing, options.scales, whitening, aggregation)
+                              if missing else None,
                               {n: h for n, h in local.items() if n in cache.missing},
                               options.batch_size, options.num_workers)
     trainer.predict(ExtractionModule(engine, dataset.records, plan, on_extracted=run), return_predictions=False)
     return run.summaries or None
 
 
-def _specs(built: dict, nodes: dict, local: dict, whitening: dict, rerank_name: str | None) -> list:
-    """What each evaluated head is called and how it is scored (after data-initialised heads are fitted)."""
+def _whitening_options(cfg: DictConfig):
+    """The test-time whitening `whitening=pca|lw` asks for (checked), or None (`whitening=none`)."""
+    from hetretrieval.training.whitening_fit import WhiteningOptions
+
+    if cfg.get("whitening") is None:
+        return None
+    options = typed(cfg.whitening, WhiteningOptions, "whitening")
+    if options.kind == "none":
+        if options.fit_on is not None:
+            raise ConfigError(f"whitening.fit_on={options.fit_on} needs whitening=pca or whitening=lw")
+        return None
+    if not options.fit_on:
+        raise ConfigError(f"whitening={options.kind} at evaluation needs whitening.fit_on=<dataset option> "
+                          "(images other than the test queries, e.g. another PACS domain)")
+    return options
+
+
+def _fit_test_time_whitening(cfg: DictConfig, whitening, dataset, backbone, heads: dict, options: ExtractionOptions,
+                             source, store, device) -> tuple[dict, dict]:
+    """Describe the `whitening.fit_on` dataset with the network (the store first) and fit one whitening per
+    global head on its descriptors: `({head: Whitening}, {head: summary facts})`."""
+    import torch
+
+    from hetretrieval.extraction.engine import ExtractionEngine
+    from hetretrieval.extraction.store import CachedHeads, extraction_fingerprint
+    from hetretrieval.models.network import RetrievalNetwork
+    from hetretrieval.training.whitening_fit import fit_descriptor_whitening
+
+    node = compose_option("dataset", whitening.fit_on, cfg)
+    fit_options = dict(whitening.fit_options or {})
+    unknown = sorted(set(fit_options) - set(node.keys()))
+    if unknown:
+        raise ConfigError(f"whitening.fit_options.{unknown[0]} is no option of dataset={whitening.fit_on} "
+                          f"(its options: {', '.join(k for k in node.keys() if k != '_target_')})")
+    if fit_options:
+        node = OmegaConf.merge(node, OmegaConf.create(fit_options))
+    fit = instantiate(node)
+    queries = {str(dataset.records[i].path) for i in dataset.query_ids}
+    shared_images = sum(str(record.path) in queries for record in fit.records)
+    if shared_images:
+        raise ConfigError(f"whitening.fit_on={whitening.fit_on} shares {shared_images} images with the evaluated "
+                          f"queries: fit on other images (e.g. whitening.fit_options={{domains: [art_painting]}})")
+    shared = extraction_fingerprint(fit.records, source, backbone, options.scales, options.scale_aggregation)
+    cache = CachedHeads(store, {name: store.key(shared, name, head) for name, head in heads.items()}, len(fit))
+    fresh = None
+    if cache.missing:
+        log.info("describing %d images of %s to fit %s-whitening", len(fit), fit.name, whitening.kind)
+        network = RetrievalNetwork(backbone, {n: h for n, h in heads.items() if n in cache.missing}, options.scales,
+                                   None, options.scale_aggregation)
+        engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers).to(device)
+        fresh = engine.extract(fit.records, source)
+        engine.cpu()
+    described = cache.complete(fresh)
+    labels = [record.label for record, valid in zip(fit.records, described.valid, strict=True) if valid]
+    fitted, facts = {}, {}
+    for name in heads:
+        descriptors = torch.from_numpy(described.descriptors[name][described.valid])
+        fitted[name] = fit_descriptor_whitening(descriptors, whitening, labels)
+        facts[name] = {"whitening": {"kind": whitening.kind, "dim": fitted[name].out_features,
+                                     "shrinkage": whitening.shrinkage, "fit_on": fit.name,
+                                     "fit_option": whitening.fit_on, "fit_options": fit_options,
+                                     "fit_images": int(described.valid.sum())}}
+    return fitted, facts
+
+
+def _specs(built: dict, nodes: dict, local: dict, whitening: dict, rerank_name: str | None,
+           head_facts: dict | None = None) -> list:
+    """What each evaluated head is called and how it is scored (after data-initialised heads are fitted);
+    `head_facts` adds to a global head's summary facts (its test-time whitening)."""
     from hetretrieval.evaluation.run import HeadSpec
 
     specs = []
@@ -172,9 +265,10 @@ def _specs(built: dict, nodes: dict, local: dict, whitening: dict, rerank_name: 
             reranker = local[rerank_name]
             specs.append(HeadSpec(name, f"{descriptor}+{rerank_name}", rerank=rerank_name, config=config,
                                   facts={"local_features": reranker.name,
-                                         "scorer": getattr(reranker, "scorer_name", None)}))
+                                         "scorer": getattr(reranker, "scorer_name", None),
+                                         **(head_facts or {}).get(name, {})}))
         else:
-            specs.append(HeadSpec(name, descriptor, config=config))
+            specs.append(HeadSpec(name, descriptor, config=config, facts=(head_facts or {}).get(name, {})))
     return specs
 
 
@@ -182,8 +276,10 @@ def _specs(built: dict, nodes: dict, local: dict, whitening: dict, rerank_name: 
 def main(cfg: DictConfig) -> float | None:
     """Run one evaluation; returns mAP (of the single head) so that Hydra sweepers can optimise it."""
     os.environ.setdefault("WANDB_SILENT", "true")
-    # our size-bucket sampler returns every index (tested); Lightning cannot know and warns on every run
-    warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+    # our size-bucket sampler returns every index (tested) and predict_step returns nothing on purpose (the
+    # engine collects); Lightning cannot know and warns on every run, as about its own pytree internals
+    for message in (".*custom batch sampler.*", ".*predict returned None.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message=message)
     try:
         summary = evaluate(cfg)
     except HetRetrievalError as error:

@@ -26,7 +26,7 @@ from hetretrieval.config import (
     instantiate,
     typed,
 )
-from hetretrieval.errors import HetRetrievalError
+from hetretrieval.errors import ConfigError, HetRetrievalError
 from hetretrieval.evaluation.run import evaluate_engine
 from hetretrieval.extraction.batching import ImageSource
 from hetretrieval.loggers import build_loggers, logged_run
@@ -90,6 +90,9 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     whitening = typed(cfg.whitening, WhiteningOptions, "whitening")
+    if whitening.fit_on is not None or whitening.fit_options:
+        raise ConfigError("hetretrieval-train fits whitening on its training set: drop whitening.fit_on / "
+                          "whitening.fit_options (those are hetretrieval-eval's test-time whitening)")
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
     resume = resolve_resume(cfg.get("resume"), Path(cfg.paths.log_dir) / cfg.task_name, output_dir)

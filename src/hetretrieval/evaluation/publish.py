@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hetretrieval.analysis.correlation import CorrelationWarning
 from hetretrieval.analysis.results import NEIGHBOURS
 from hetretrieval.analysis.tables import format_table
 from hetretrieval.loggers import is_wandb
@@ -28,12 +30,16 @@ def write_report(run_dir: Path) -> dict[str, Path]:
 
     report_dir = run_dir / "report"
     try:
-        saved = np.load(run_dir / NEIGHBOURS, mmap_mode="r").shape[1]  # fewer than 5 in a tiny (debug) run
-        paths = best_and_worst_grids(run_dir, report_dir, top_k=min(REPORT_RESULTS, saved))
-        paths.update(compare_runs([run_dir], annotations="auto").write(report_dir))
+        with warnings.catch_warnings(record=True) as caveats:  # e.g. constant tags: said once, in the log
+            warnings.simplefilter("always", CorrelationWarning)
+            saved = np.load(run_dir / NEIGHBOURS, mmap_mode="r").shape[1]  # fewer than 5 in a tiny (debug) run
+            paths = best_and_worst_grids(run_dir, report_dir, top_k=min(REPORT_RESULTS, saved))
+            paths.update(compare_runs([run_dir], annotations="auto").write(report_dir))
     except Exception as error:  # noqa: BLE001 - reporting must not lose the evaluation just written
         log.warning("could not write the run report (%s: %s); results are saved", type(error).__name__, error)
         return {}
+    for caveat in caveats:
+        log.info("report: %s", caveat.message)
     return paths
 
 
@@ -82,4 +88,11 @@ def print_run(summary: Mapping, class_rows: Sequence[Mapping], ks: Sequence[int]
           + "   ".join(f"mP@{k} {_metric(summary.get(f'mP@{k}'))}" for k in ks) + speed)
     if "mAP_medium" in summary:
         print("revisited protocols: " + "   ".join(f"{p} mAP {_metric(summary[f'mAP_{p}'])}" for p in PROTOCOLS))
+    if "mAP_before_expansion" in summary:
+        settings = "   ".join(f"{key} {summary[key]}" for key in ("query_expansion", "dba") if summary.get(key))
+        print(f"mAP before expansion {_metric(summary['mAP_before_expansion'])}   ({settings})")
+    if summary.get("whitening"):
+        w = summary["whitening"]
+        print(f"whitening {w['kind']} to {w['dim']} dims, fitted on {w['fit_images']} images of {w['fit_on']}"
+              + (f" {w['fit_options']}" if w.get("fit_options") else ""))
     print(f"results written to {run_dir}")

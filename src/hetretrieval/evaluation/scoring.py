@@ -4,17 +4,23 @@ Global descriptors are ranked by exact search, local features by votes and spati
 ranking may be re-ranked by local features. Whatever produced the ranking, it is scored once by
 `evaluate_rankings` and, for Revisited Oxford/Paris, the very same ranking by the official Easy/Medium/Hard
 protocols: no second search, and the revisited scores exist for every descriptor kind.
+
+With `evaluation.query_expansion` / `evaluation.dba` set, the descriptors are first expanded
+(`index.expansion.expand_for_search`: DBA of the database, then αQE of the queries, a query never expanding
+with its own database entry) and searched again; the run is scored once without and once with expansion, and
+`mAP_before_expansion` (with the settings) joins the info. The saved descriptors stay the unexpanded ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from hetretrieval.config import EvaluationOptions
 from hetretrieval.data.datasets import RetrievalDataset
+from hetretrieval.index.expansion import expand_for_search
 from hetretrieval.index.local import (
     LocalSearchOptions,
     build_descriptor_index,
@@ -25,7 +31,13 @@ from hetretrieval.index.local import (
     stack_descriptors,
 )
 from hetretrieval.index.search import RankingBatch, iter_rankings
-from hetretrieval.metrics.retrieval import Protocol, RetrievalResults, evaluate_rankings, search_protocol
+from hetretrieval.metrics.retrieval import (
+    Protocol,
+    RetrievalResults,
+    evaluate_rankings,
+    metric_summary,
+    search_protocol,
+)
 from hetretrieval.metrics.revisited import evaluate_revisited, revisited_summary
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.ransac import GeometricVerifier
@@ -53,11 +65,28 @@ class Scored:
 def score_global(descriptors: np.ndarray, valid: np.ndarray, dataset: RetrievalDataset,
                  options: EvaluationOptions, rerank: tuple[list[LocalFeatures | None], LocalScoring] | None = None
                  ) -> Scored:
-    """Exact search over `descriptors (N, D)` (optionally re-ranked by local features), then every metric."""
+    """Exact search over `descriptors (N, D)` (after αQE / DBA when set; optionally re-ranked by local
+    features), then every metric."""
     protocol = search_protocol(dataset.query_ids, dataset.database_ids, valid)
-    rankings: Iterable[RankingBatch] = iter_rankings(
-        descriptors[protocol.query_ids], descriptors[protocol.database_ids], protocol.exclude,
-        options.max_batch_entries)
+    queries, database = descriptors[protocol.query_ids], descriptors[protocol.database_ids]
+    if not options.expands:
+        return _search_and_score(queries, database, dataset, protocol, options, rerank)
+    before = _search_and_score(queries, database, dataset, protocol, options, rerank)
+    queries, database = expand_for_search(queries, database, protocol.exclude, options.query_expansion,
+                                          options.dba)
+    scored = _search_and_score(queries, database, dataset, protocol, options, rerank)
+    scored.info.update({
+        "query_expansion": asdict(options.query_expansion) if options.query_expansion is not None else None,
+        "dba": asdict(options.dba) if options.dba is not None else None,
+        "mAP_before_expansion": metric_summary(before.results, options.ks)["mAP"],
+    })
+    return scored
+
+
+def _search_and_score(queries: np.ndarray, database: np.ndarray, dataset: RetrievalDataset, protocol: Protocol,
+                      options: EvaluationOptions,
+                      rerank: tuple[list[LocalFeatures | None], LocalScoring] | None) -> Scored:
+    rankings: Iterable[RankingBatch] = iter_rankings(queries, database, protocol.exclude, options.max_batch_entries)
     info: dict = {}
     if rerank is not None:
         features, scoring = rerank

@@ -1,10 +1,11 @@
 """The descriptor store: descriptors cached under `paths.cache_dir`, keyed by everything that determines them.
 
 A head's entry is keyed by a SHA-256 fingerprint of the backbone (name and weights digest), the head (config
-and state digest: GeM's p, NetVLAD's centroids, whitening), how images are read (`max_size`, `max_pixels`, crop
-size, `scales`) and every image (path, byte size, mtime, crop box). Any change is a miss. Entries are written
-to a temporary name and renamed, so a reader never sees half an entry; an entry that fails to load (truncated,
-corrupt: the zip's CRC-32 is checked on read) or disagrees with its key is reported, deleted and rebuilt.
+and state digest: GeM's p, NetVLAD's centroids, whitening), the backbone's `layer`, how images are read
+(`max_size`, `max_pixels`, crop size, `scales`, `scale_aggregation`) and every image (path, byte size, mtime,
+crop box). Any change is a miss. Entries are written to a temporary name and renamed, so a reader never sees
+half an entry; an entry that fails to load (truncated, corrupt: the zip's CRC-32 is checked on read) or
+disagrees with its key is reported, deleted and rebuilt.
 Entries hold arrays only (`allow_pickle=False`): nothing in them can name a callable.
 """
 
@@ -75,11 +76,13 @@ def fingerprint(*parts) -> str:
 
 
 def extraction_fingerprint(records: Sequence[ImageRecord], source: ImageSource, backbone: nn.Module | None,
-                           scales: Sequence[float]) -> str:
-    """The part of every head's key shared by one run: images, how they are read, the backbone."""
+                           scales: Sequence[float], scale_aggregation: str = "mean") -> str:
+    """The part of every head's key shared by one run: images, how they are read, the backbone (and the layer
+    that feeds the heads), how scales are combined."""
     return fingerprint({"images": images_fingerprint(records), "source": asdict(source),
-                        "scales": [float(s) for s in scales],
-                        "backbone": getattr(backbone, "model_name", None), "weights": module_digest(backbone)})
+                        "scales": [float(s) for s in scales], "scale_aggregation": scale_aggregation,
+                        "backbone": getattr(backbone, "model_name", None), "layer": getattr(backbone, "layer", None),
+                        "weights": module_digest(backbone)})
 
 
 class DescriptorStore:

@@ -111,7 +111,8 @@ def evaluate_rankings(
     for batch in rankings:
         rows = slice(batch.start, batch.start + batch.positions.shape[0])
         query_codes = codes[query_ids[rows]]
-        relevance = (database_codes[batch.positions] == query_codes[:, None]) & np.isfinite(batch.scores)
+        same_class = (database_codes[batch.positions] == query_codes[:, None]) & (query_codes[:, None] >= 0)
+        relevance = same_class & np.isfinite(batch.scores)  # an unlabelled query (-1) has no positive
         n_positives[rows] = relevance.sum(axis=1)
         ap[rows] = average_precision(relevance, batch.scores)
         for k in ks:

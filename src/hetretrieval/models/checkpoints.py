@@ -41,6 +41,7 @@ ARCHITECTURE = "architecture"  # the checkpoint key holding the stored architect
 
 FLOAT, INT, BOOL, STR = (float, int), (int,), (bool,), (str,)
 OPTIONAL_INT, OPTIONAL_STR = (int, NoneType), (str, NoneType)
+LAYER = (int, str, NoneType)  # Backbone.layer: a feature_info position or module name
 
 
 def read_torch_file(path: str | Path, what: str, error: type[HetRetrievalError] = DataError) -> Any:
@@ -97,8 +98,9 @@ def _head(cls: type[nn.Module]) -> Callable[..., nn.Module]:
 
 BACKBONE = Component(
     "hetretrieval.models.backbones.Backbone",
-    lambda model_name: Backbone(model_name, pretrained=False, checkpoint=None),  # weights: the state dict's
-    {"model_name": STR},
+    # weights: the state dict's
+    lambda model_name, layer=None: Backbone(model_name, pretrained=False, checkpoint=None, layer=layer),
+    {"model_name": STR, "layer": LAYER},
     {"pretrained": BOOL, "checkpoint": OPTIONAL_STR},
 )
 
@@ -198,6 +200,8 @@ def architecture_from_config(backbone_node: Mapping, pooling_node: Mapping) -> d
         OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
         for node in (backbone_node, pooling_node)
     )
+    if backbone.get("layer", 0) is None:  # the default map: stored as before `layer` existed
+        del backbone["layer"]
     name = _head_named_by(pooling.get("_target_"))
     if name is None:
         raise ConfigError(

@@ -8,7 +8,8 @@ pixels of the original image, pixel `(i, j)` centred at `(x=j, y=i)`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,8 @@ def receptive_field(module: nn.Module, in_channels: int = 3, probe_size: int = 5
     Limits: modules with global context (squeeze-excitation, self-attention, global pooling) depend on every
     pixel; then the field reaches the probe's border and this raises `ConfigError`. For TF-"same" padding
     (timm `tf_*` models) the padding, hence the offset, varies with the input size modulo the stride (by up to
-    `stride - 1` pixels); the value returned is the one for an input of `probe_size` pixels.
+    `stride - 1` pixels); the value returned is the one for an input of `probe_size` pixels, and
+    `ReceptiveFieldBySize` gives the field for every input size.
 
     Args:
         module: maps an image batch to a feature map; a list/tuple output (timm `features_only`) uses its
@@ -63,16 +65,70 @@ def receptive_field(module: nn.Module, in_channels: int = 3, probe_size: int = 5
         in_channels: channels of the probe image.
         probe_size: probe length along the measured axis; must exceed the receptive field size.
     """
-    probe_module = copy.deepcopy(module).cpu().float().eval()
+    probe_module = _probe_copy(module)
+    with _probing():
+        x_size, x_stride, x_offset = _receptive_field_along(probe_module, in_channels, probe_size, -1)
+        y_size, y_stride, y_offset = _receptive_field_along(probe_module, in_channels, probe_size, -2)
+    return ReceptiveField(size=(x_size, y_size), stride=(x_stride, y_stride), offset=(x_offset, y_offset))
+
+
+class ReceptiveFieldBySize:
+    """`(height, width) -> ReceptiveField` of a module for an input of that size: measured, cached per size class.
+
+    A unit's receptive-field size and the stride do not depend on the input size, but its offset does under
+    TF-"same" padding (timm `tf_*` models, e.g. the default `tf_efficientnet_lite0`): a layer of kernel `k`
+    and stride `s` on an input of length `x` pads `max(k - s, 0)` pixels if `x = 0 (mod s)`, else
+    `max(k - (x mod s), 0)`, the extra pixel of an odd total on the far side, so the offset changes with the
+    length modulo the total stride `S` (tf_efficientnet_lite0's stage 3, `S = 16`: 15 px at lengths
+    `= 0 (mod 16)`, then 0, 1, ..., 14 px at lengths `= 1, ..., 15`). Through a chain of convolutions and
+    poolings, each layer's input length modulo its own stride is fixed by the input length modulo `S`, so
+    so is the offset: each axis is measured by `receptive_field`'s NaN probe once per residue modulo `S`, on
+    a probe of the smallest length `>= probe_size` with that residue, and cached. `base` is the field at
+    `probe_size`, measured on construction; other residues are measured when first asked for (a fraction of
+    a second each, at most `S` per axis).
+    """
+
+    def __init__(self, module: nn.Module, in_channels: int = 3, probe_size: int = 512) -> None:
+        self._module = _probe_copy(module)
+        self._in_channels, self._probe_size = in_channels, probe_size
+        with _probing():
+            along = [_receptive_field_along(self._module, in_channels, probe_size, axis) for axis in (-1, -2)]
+        (x_size, x_stride, x_offset), (y_size, y_stride, y_offset) = along
+        self.base = ReceptiveField(size=(x_size, y_size), stride=(x_stride, y_stride), offset=(x_offset, y_offset))
+        self._offsets = {(-1, probe_size % x_stride): x_offset, (-2, probe_size % y_stride): y_offset}
+
+    def __call__(self, height: int, width: int) -> ReceptiveField:
+        return ReceptiveField(self.base.size, self.base.stride, (self.offset(-1, width), self.offset(-2, height)))
+
+    def offset(self, axis: int, length: int) -> float:
+        """Centre of unit 0's field along `axis` (-1: x, -2: y) for an input `length` pixels long."""
+        index = 0 if axis == -1 else 1
+        size, stride = self.base.size[index], self.base.stride[index]
+        key = (axis, length % stride)
+        if key not in self._offsets:
+            probe_size = self._probe_size + (length - self._probe_size) % stride
+            with _probing():
+                measured = _receptive_field_along(self._module, self._in_channels, probe_size, axis)
+            if measured[:2] != (size, stride):
+                raise ConfigError(f"the receptive field along axis {axis} changes with the input length "
+                                  f"({measured[:2]} at {probe_size} px, {(size, stride)} at {self._probe_size})")
+            self._offsets[key] = measured[2]
+        return self._offsets[key]
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).cpu().float().eval()
+
+
+@contextmanager
+def _probing() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny probes: thread synchronisation would dominate (40x on a busy host)
     try:
         with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
-            x_size, x_stride, x_offset = _receptive_field_along(probe_module, in_channels, probe_size, -1)
-            y_size, y_stride, y_offset = _receptive_field_along(probe_module, in_channels, probe_size, -2)
+            yield
     finally:
         torch.set_num_threads(threads)
-    return ReceptiveField(size=(x_size, y_size), stride=(x_stride, y_stride), offset=(x_offset, y_offset))
 
 
 def _feature_map(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -185,7 +241,7 @@ def extract_local_features(
     feature_fn: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     scorer: Callable[[torch.Tensor], torch.Tensor],
-    rf: ReceptiveField,
+    rf: ReceptiveField | Callable[[int, int], ReceptiveField],
     scales: Sequence[float] = DELF_SCALES,
     top_n: int = 1000,
     threshold: float | None = None,
@@ -194,7 +250,9 @@ def extract_local_features(
 
     Each scale resizes the `(3, H, W)` image (bilinear, antialiased) to `round(s * H) x round(s * W)`, maps
     it through `feature_fn` `(1, 3, h', w') -> (1, C, h, w)` and `scorer` `(1, C, h, w) -> (1, h, w)`, keeps
-    that scale's `top_n` positions with score `>= threshold`, and maps their receptive-field centres back to
+    that scale's `top_n` positions with score `>= threshold`, locates them by the receptive field `rf` (or,
+    when `rf` is a callable such as `ReceptiveFieldBySize`, by `rf(h', w')`, the field of that scale's input
+    size: its offset varies with the size under TF-"same" padding), and maps their receptive-field centres back to
     the original image by the exact inverse of the resize (`x = (x' + 0.5) * W / w' - 0.5`). The global
     `top_n` over all scales is returned with L2-normalised float32 descriptors, by decreasing score.
     """
@@ -211,7 +269,8 @@ def extract_local_features(
                 image[None], size=size, mode="bilinear", align_corners=False, antialias=True
             )
             features = feature_fn(scaled)
-            found = select_keypoints(features[0], scorer(features)[0], rf, top_n, threshold)
+            field = rf if isinstance(rf, ReceptiveField) else rf(*size)
+            found = select_keypoints(features[0], scorer(features)[0], field, top_n, threshold)
             resize = torch.tensor([width / size[1], height / size[0]], device=found[0].device)
             locations.append((found[0] + 0.5) * resize - 0.5)
             descriptors.append(found[1])

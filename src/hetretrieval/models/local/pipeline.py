@@ -3,7 +3,7 @@
 `DelfExtractor` takes dense features from one stage of the evaluated timm backbone (with the same weights and
 input normalisation), scores them by a trained DELF attention (`attention_checkpoint`) or, without one, by the
 feature norm, and keeps the best over an image pyramid with receptive-field keypoint locations measured on
-that stage. The extraction engine runs it (or ORB) on every image, beside any global heads.
+that stage for each input size of the pyramid. The extraction engine runs it (or ORB) on every image, beside any global heads.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hetretrieval.models.backbones import Backbone
 from hetretrieval.models.checkpoints import read_torch_file
 from hetretrieval.models.local.attention import AttentionScorer, FeatureNormScorer
 from hetretrieval.models.local.features import LocalFeatures
-from hetretrieval.models.local.keypoints import ReceptiveField, extract_local_features, receptive_field
+from hetretrieval.models.local.keypoints import ReceptiveFieldBySize, extract_local_features
 from hetretrieval.models.local.orb import OrbExtractor
 
 
@@ -86,14 +86,15 @@ class DelfExtractor(nn.Module):
                               "channels (or null)")
         self.scorer = (FeatureNormScorer() if attention_checkpoint is None
                        else load_attention_scorer(attention_checkpoint, self.features.out_channels))
-        self.receptive_field: ReceptiveField = receptive_field(self.features)
+        # the field of each input size: its offset depends on the size modulo the stride (TF-"same" padding)
+        self.receptive_field_at = ReceptiveFieldBySize(self.features)
 
     @property
     def scorer_name(self) -> str:
         return self.scorer.name
 
     def forward(self, image: torch.Tensor) -> LocalFeatures:
-        return extract_local_features(self.features, image, self.scorer, self.receptive_field, self.scales,
+        return extract_local_features(self.features, image, self.scorer, self.receptive_field_at, self.scales,
                                       self.top_n, self.threshold)
 
 

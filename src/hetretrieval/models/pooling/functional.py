@@ -6,7 +6,7 @@ the inner product is the cosine similarity the index searches with.
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +38,26 @@ def gem(x: torch.Tensor, p: torch.Tensor | float = 3.0, eps: float = 1e-6) -> to
 def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:
     """R-MAC region grid (Tolias et al., ICLR 2016) on an `height x width` map, as `(top, left, h, w)` boxes.
 
-    Level l = 1..L has square regions of side `floor(2 * min(H, W) / (l + 1))`, so level 1 spans the short side.
-    Along the long side, `l + e` regions are placed, the extra count `e` (1..6, 0 for a square map) chosen once
-    so that neighbouring level-1 regions overlap as close as possible to `overlap` (40%). Starts are
-    `floor(i * (length - side) / (n - 1))`, as in the authors' MATLAB code; unlike cirtorch, no extra whole-map
-    region is added.
+    Level l = 1..L has square regions of side `floor(2 * min(H, W) / (l + 1))`, so level 1 spans the short side
+    (a level whose side would be 0, e.g. l >= 2 on a 1-row map, is left out). Along the long side, `l + e`
+    regions are placed, the extra count `e` (1..6, 0 for a square map) chosen once so that neighbouring level-1
+    regions overlap as close as possible to `overlap` (40%): `n = e + 1` level-1 regions have the overlap
+    `1 - (long - short) / ((n - 1) * short)`. Starts are `floor(i * (length - side) / (n - 1))`, as in the
+    authors' MATLAB code; unlike cirtorch, no extra whole-map region is added.
+
+    Everything is exact rational arithmetic (`overlap` is read as the decimal it is written as: 0.4 = 2/5),
+    so no start is one pixel off where a float product lands just below an integer. Tie rule: when two counts
+    are exactly as close to `overlap` (e.g. 5x9 and 10x18 maps, where 2 and 3 level-1 regions overlap by 20%
+    and 60%), the smaller count is taken: the first minimum, which is what cirtorch's float32 computation
+    picks there (float64 rounding picks either, depending on the map).
     """
     short, long = min(height, width), max(height, width)
-    steps = torch.arange(2, 8, dtype=torch.float64)  # candidate numbers of level-1 regions along the long side
-    spacing = (long - short) / (steps - 1)
-    extra = int(torch.argmin(((short**2 - short * spacing) / short**2 - overlap).abs())) + 1 if long > short else 0
+    extra = _extra_regions(short, long, Fraction(str(overlap))) if long > short else 0
     extra_h, extra_w = (extra, 0) if height > width else (0, extra)
 
     regions = []
     for level in range(1, levels + 1):
-        side = math.floor(2 * short / (level + 1))
+        side = 2 * short // (level + 1)
         if side < 1:
             continue
         tops = _region_starts(height, side, level + extra_h)
@@ -61,12 +66,19 @@ def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4)
     return regions
 
 
+def _extra_regions(short: int, long: int, overlap: Fraction) -> int:
+    """The extra count `e = n - 1` of level-1 regions along the long side (`n` in 2..7): `n` whose overlap
+    `1 - (long - short) / ((n - 1) * short)` is nearest `overlap`, the smallest `n` on an exact tie."""
+    errors = [abs(1 - Fraction(long - short, (n - 1) * short) - overlap) for n in range(2, 8)]
+    return errors.index(min(errors)) + 1
+
+
 def _region_starts(length: int, side: int, count: int) -> list[int]:
-    """Starts of `count` windows of `side` spread evenly over `[0, length)`: `floor(i * (length - side) / (count - 1))`."""
+    """Starts of `count` windows of `side` spread evenly over `[0, length)`: `floor(i * (length - side) / (count - 1))`,
+    computed exactly in integers."""
     if count == 1:
         return [0]
-    step = (length - side) / (count - 1)
-    return [math.floor(i * step) for i in range(count)]
+    return [i * (length - side) // (count - 1) for i in range(count)]
 
 
 def rmac(x: torch.Tensor, levels: int = 3, overlap: float = 0.4) -> torch.Tensor:
@@ -80,6 +92,18 @@ def rmac(x: torch.Tensor, levels: int = 3, overlap: float = 0.4) -> torch.Tensor
 def aggregate_scales(descriptors: list[torch.Tensor]) -> torch.Tensor:
     """Multi-scale descriptor: the mean of per-scale L2-normalised descriptors, re-normalised. `S x (B, D) -> (B, D)`."""
     return l2n(torch.stack([l2n(d) for d in descriptors]).mean(dim=0))
+
+
+def power_mean_scales(descriptors: list[torch.Tensor], p: float = 1.0) -> torch.Tensor:
+    """cirtorch's multi-scale descriptor (`extract_ms` with `msp`): the power mean of the per-scale
+    L2-normalised descriptors, re-normalised, `l2n((mean_s d_s^p)^(1/p))`. `S x (B, D) -> (B, D)`.
+
+    cirtorch takes `p` = GeM's exponent and 1 for every other pooling; `p = 1` is `aggregate_scales`. A
+    non-integer `p` needs non-negative descriptors (GeM's are).
+    """
+    if p == 1.0:
+        return aggregate_scales(descriptors)
+    return l2n(torch.stack([l2n(d) for d in descriptors]).pow(p).mean(dim=0).pow(1.0 / p))
 
 
 def resize_to_scale(images: torch.Tensor, scale: float) -> torch.Tensor:

@@ -65,3 +65,20 @@ class RMAC(GlobalPooling):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, overlap={self.overlap}"
+
+
+class ClassToken(GlobalPooling):
+    """`cls`: a transformer's final class token `(B, C)`, L2-normalised (DINOv2 / CLIP's global descriptor).
+
+    It reads the class token, not the map: `RetrievalNetwork` hands it `Backbone.features_and_class_token`'s
+    token (`reads`), and refuses a backbone without one (CNNs, SigLIP) at construction.
+    """
+
+    name = "cls"
+    reads = "class_token"
+
+    def forward(self, class_token: torch.Tensor) -> torch.Tensor:
+        if class_token.ndim != 2:
+            raise ConfigError(f"pooling=cls reads a backbone's class token (B, C), got a {class_token.ndim}-d "
+                              "tensor: describe through RetrievalNetwork")
+        return PF.l2n(class_token)
