@@ -100,6 +100,18 @@ def test_stale_lock_of_a_dead_process_is_taken_over(compose_eval, tmp_path):
     assert _leftovers(tmp_path / "run") == []
 
 
+def test_other_ranks_of_a_ddp_launch_leave_the_folder_to_rank_zero(compose_eval, tmp_path, monkeypatch):
+    """Under a DDP launcher every rank runs `evaluate`: only rank 0 claims the folder, so rank 1 is not refused
+    by rank 0's lock (nor moves rank 0's files aside)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK).write_text(str(os.getppid()))  # rank 0, alive, holds the folder
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert evaluate(compose_eval(*TINY_BUILTIN, "cache=false"))["counts"]["described"] == 12
+    assert (tmp_path / "run" / LOCK).read_text() == str(os.getppid())
+
+
 def test_unwritable_output_folder_fails_at_start_up(compose_eval, nothing_read):
     with pytest.raises(DataError) as error:
         evaluate(compose_eval(*TINY_BUILTIN, "paths.output_dir=/proc/x"))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from brute_force_map import brute_force_map
 from conftest import TINY_BUILTIN
 from hetretrieval.cli.evaluate import evaluate
 from hetretrieval.config import instantiate
@@ -27,7 +28,8 @@ def _read_csv(path):
 def test_every_pooling_runs_and_writes_its_outputs(compose_eval, pooling, tmp_path):
     summary = evaluate(compose_eval(*TINY_BUILTIN, f"pooling={pooling}"))
     run = tmp_path / "run"
-    assert summary["descriptor"] == pooling and 0.0 < summary["mAP"] <= 1.0
+    assert summary["descriptor"] == pooling
+    assert summary["mAP"] == pytest.approx(brute_force_map(run), abs=1e-6)
     assert json.loads((run / "summary.json").read_text())["mAP"] == summary["mAP"]
     per_class = _read_csv(run / "per_class_map.csv")
     assert {row["class"] for row in per_class} == {"astronaut", "coffee", "chelsea", "rocket"}
@@ -94,18 +96,20 @@ def test_fast_dev_run_reports_the_images_it_did_not_extract(compose_eval):
     assert sum("not extracted" in entry["reason"] for entry in summary["skipped"]) == 12 - described
 
 
-def test_heritage_wild_loads_and_evaluates_every_image(compose_eval, heritage_root):
+def test_heritage_wild_loads_and_evaluates_every_image(compose_eval, heritage_root, tmp_path):
     summary = evaluate(compose_eval("dataset=heritage_wild", "extraction.max_size=224"))
     assert summary["counts"] == {"images": 40, "described": 40, "queries": 24, "evaluated_queries": 24,
                                  "database": 40, "classes": 8, "skipped": 0}
     assert summary["skipped"] == [] and 0.1 < summary["mAP"] < 1.0
+    assert summary["mAP"] == pytest.approx(brute_force_map(tmp_path / "run"), abs=1e-6)
 
 
-def test_pacs_cross_domain_split(compose_eval, pacs_root):
+def test_pacs_cross_domain_split(compose_eval, pacs_root, tmp_path):
     summary = evaluate(compose_eval("dataset=pacs_sketch_to_photo", "dataset.domains=[photo,sketch]",
                                     "extraction.max_size=64", "extraction.batch_size=64"))
     assert summary["counts"]["queries"] == 983 and summary["counts"]["database"] == 420
     assert summary["mAP"] > 1 / 7  # better than chance over 7 classes
+    assert summary["mAP"] == pytest.approx(brute_force_map(tmp_path / "run"), abs=1e-6)
 
 
 def test_report_figures_and_tag_correlations(compose_eval, tmp_path):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -42,13 +44,48 @@ def _config(tmp_path: Path, cache_dir: Path, overrides: list[str]) -> DictConfig
     return cfg
 
 
+class TrainingProbe(pl.Callback):
+    """Records what one fast_dev_run step did: the loss, what the miner found, the weights before and after."""
+
+    last: TrainingProbe | None = None
+
+    def __init__(self) -> None:
+        self.losses, self.mined, self.tuples = [], [], []
+        TrainingProbe.last = self
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.before = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+        if "train/mined_triplets" in trainer.callback_metrics:
+            self.mined.append(float(trainer.callback_metrics["train/mined_triplets"]))
+        if batch["images"].ndim == 5:  # epoch tuples: (tuples, 2 + n_neg, 3, h, w)
+            self.tuples.append(tuple(batch["images"].shape[:2]))
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.after = {k: v.detach().clone() for k, v in module.named_parameters() if k in self.before}
+
+
 @pytest.mark.parametrize("loss", ["contrastive", "triplet"])
 @pytest.mark.parametrize("miner", ["epoch_tuples", "batch_hard", "semihard"])
 def test_fast_dev_run_trains_every_loss_and_miner(tmp_path, cache_dir, loss, miner):
     cfg = _config(tmp_path, cache_dir, [f"loss={loss}", f"miner={miner}", "+trainer.fast_dev_run=true",
-                                        "test.off_the_shelf=false"])
+                                        "test.off_the_shelf=false",
+                                        "+callbacks.probe._target_=test_training.TrainingProbe"])
     report = train(cfg)
     assert report["test"] == {"fine_tuned": {}}
+    probe = TrainingProbe.last
+    assert len(probe.losses) == 1 and math.isfinite(probe.losses[0]) and probe.losses[0] > 0
+    if miner == "epoch_tuples":  # 3 tuples per batch, each a query, a positive and 2 negatives
+        assert probe.tuples == [(3, 4)] and probe.mined == []
+    elif miner == "batch_hard":  # a hardest positive and negative for every anchor of the 3 x 2 batch
+        assert probe.mined == [6.0]
+    else:  # semi-hard negatives depend on the distances: none may exist, but the count is logged
+        assert len(probe.mined) == 1 and probe.mined[0] >= 0
+    changed = [k for k, v in probe.before.items() if not torch.equal(v, probe.after[k])]
+    assert changed, "one optimiser step changed no weight"
+    assert all(torch.isfinite(v).all() for v in probe.after.values())
 
 
 def test_whitened_checkpoint_evaluates_like_the_trained_module(tmp_path, cache_dir):

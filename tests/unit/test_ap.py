@@ -54,6 +54,7 @@ def test_precision_and_recall_at_k():
     assert precision_at_k(relevance, 4)[0] == 0.5
     assert precision_at_k(relevance, 10)[0] == pytest.approx(0.3)
     assert recall_at_k(relevance, 3, np.array([3]))[0] == pytest.approx(2 / 3)
+    assert recall_at_k(np.array([[0, 1, 0]], bool), 2, np.array([1]))[0] == 1.0  # a single positive, found
     assert np.isnan(recall_at_k(np.zeros((1, 3), bool), 2, np.array([0]))[0])
 
 

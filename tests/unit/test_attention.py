@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hetretrieval.models.local.attention import (
@@ -20,6 +22,21 @@ def test_attention_scorer_shape_and_positivity():
     assert scores.shape == (2, 5, 7)
     assert (scores > 0).all()
     assert scorer.name == "attention"
+
+
+def test_attention_scorer_values_by_hand():
+    """1x1 conv, ReLU, 1x1 conv, softplus(z) = log(1 + e^z), on two positions with hand-set weights."""
+    scorer = AttentionScorer(2, hidden_channels=2)
+    with torch.no_grad():
+        scorer.layers[0].weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 2.0]])[:, :, None, None])
+        scorer.layers[0].bias.copy_(torch.tensor([0.0, -1.0]))
+        scorer.layers[2].weight.copy_(torch.tensor([[1.0, -2.0]])[:, :, None, None])
+        scorer.layers[2].bias.copy_(torch.tensor([0.5]))
+    features = torch.tensor([[1.0, 3.0], [2.0, 0.0]])[None, :, None, :]  # positions (1, 2) and (3, 0)
+    # (1, 2): hidden relu(-1, 3.5) = (0, 3.5), logit 0 - 7 + 0.5 = -6.5
+    # (3, 0): hidden relu(3, 0.5) = (3, 0.5), logit 3 - 1 + 0.5 = 2.5
+    expected = torch.tensor([[[math.log1p(math.exp(-6.5)), math.log1p(math.exp(2.5))]]])
+    torch.testing.assert_close(scorer(features), expected, rtol=1e-6, atol=0)
 
 
 def test_feature_norm_scorer_is_the_channel_norm():

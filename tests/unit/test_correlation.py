@@ -1,11 +1,11 @@
 """Correlation analysis: against numpy/scipy brute force, warnings, CSV round trips, heatmap."""
 
 import csv
+import math
 import warnings
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from hetretrieval.analysis.correlation import (
     CorrelationWarning,
@@ -45,19 +45,66 @@ def test_pearson_matrix_constant_column_is_nan():
     assert np.isnan(r[0, 0]) and r[1, 0] == pytest.approx(1.0)
 
 
-def test_correlate_matches_scipy():
-    predominance, performance = _tables()
+def _pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    return sxy / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def _average_ranks(values):
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    return [sum(w < v for w in values) + (sum(w == v for w in values) + 1) / 2 for v in values]
+
+
+def _two_sided_t_p_value(r, n):
+    """P(|T| > |t|) for t = r sqrt((n - 2) / (1 - r^2)), T Student with nu = n - 2 degrees of freedom, by the
+    closed forms of Abramowitz & Stegun 26.7.3-4: with theta = atan(|t| / sqrt(nu)), P(|T| <= |t|) is
+    sin(theta) (1 + 1/2 cos^2 + 1.3/(2.4) cos^4 + ... + 1.3...(nu-3)/(2.4...(nu-2)) cos^(nu-2)) for even nu and
+    2/pi (theta + sin cos (1 + 2/3 cos^2 + ... + 2.4...(nu-3)/(1.3...(nu-2)) cos^(nu-3))) for odd nu."""
+    nu = n - 2
+    theta = math.atan(abs(r) * math.sqrt(nu / (1 - r * r)) / math.sqrt(nu))
+    c2 = math.cos(theta) ** 2
+    if nu % 2 == 0:
+        term, total = 1.0, 1.0
+        for k in range(1, nu // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        inside = math.sin(theta) * total
+    else:
+        term, total = 1.0, 1.0 if nu > 1 else 0.0
+        for k in range(1, (nu - 1) // 2):
+            term *= (2 * k) / (2 * k + 1) * c2
+            total += term
+        inside = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    return 1 - inside
+
+
+def test_t_p_value_closed_forms_against_known_values():
+    # r = 0.5 at n = 12 (nu = 10, t = 1.8257) and n = 11 (nu = 9, t = 1.7321): tabulated t-distribution tails
+    assert _two_sided_t_p_value(0.5, 12) == pytest.approx(0.0979, abs=1e-4)
+    assert _two_sided_t_p_value(0.5, 11) == pytest.approx(0.1173, abs=1e-4)
+    assert _two_sided_t_p_value(0.0, 20) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("n", [20, 13])  # even and odd degrees of freedom
+def test_correlate_matches_the_textbook_formulas(n):
+    predominance, performance = _tables(n=n)
     results = correlate(predominance, performance, n_resamples=100)
     assert [(c.variation, c.descriptor) for c in results] == [
         (v, d) for v in predominance.columns for d in performance.columns]
     for c in results:
-        x, y = predominance.column(c.variation), performance.column(c.descriptor)
-        assert c.n == 20
-        assert (c.pearson_r, c.pearson_p) == pytest.approx(tuple(stats.pearsonr(x, y)), abs=1e-12)
-        assert (c.spearman_rho, c.spearman_p) == pytest.approx(tuple(stats.spearmanr(x, y)), abs=1e-12)
+        x = predominance.column(c.variation).tolist()
+        y = performance.column(c.descriptor).tolist()
+        r, rho = _pearson(x, y), _pearson(_average_ranks(x), _average_ranks(y))
+        assert c.n == n
+        assert c.pearson_r == pytest.approx(r, abs=1e-12)
+        assert c.pearson_p == pytest.approx(_two_sided_t_p_value(r, n), rel=1e-9, abs=1e-14)
+        assert c.spearman_rho == pytest.approx(rho, abs=1e-12)
+        assert c.spearman_p == pytest.approx(_two_sided_t_p_value(rho, n), rel=1e-9, abs=1e-14)
         assert c.pearson_ci_low <= c.pearson_r <= c.pearson_ci_high
-    strong = next(c for c in results if (c.variation, c.descriptor) == ("Sc", "DELF"))
-    assert strong.pearson_r < -0.9 and strong.pearson_p < 1e-6 and strong.pearson_ci_high < -0.8
+    if n == 20:
+        strong = next(c for c in results if (c.variation, c.descriptor) == ("Sc", "DELF"))
+        assert strong.pearson_r < -0.9 and strong.pearson_p < 1e-6 and strong.pearson_ci_high < -0.8
 
 
 def test_perfect_monotone_relation():

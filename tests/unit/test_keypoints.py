@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import timm
 import torch
+from timm.layers import create_conv2d
 from torch import nn
 
 from hetretrieval.errors import ConfigError
+from hetretrieval.models.backbones import Backbone
 from hetretrieval.models.local.attention import FeatureNormScorer
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.keypoints import (
     ReceptiveField,
+    ReceptiveFieldBySize,
     extract_local_features,
     feature_locations,
     receptive_field,
     select_keypoints,
 )
+from hetretrieval.models.local.pipeline import DelfExtractor
 
 
 def isotropic(size, stride, offset):
@@ -57,6 +64,81 @@ def test_receptive_field_resnet50_layer3_matches_published_value():
     https://gist.github.com/samson-wang/a6073c18f2adf16e0ab5fb95b53db3e6 (layer4: 427)."""
     layer3 = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(3,))
     assert receptive_field(layer3, probe_size=320) == isotropic(267, 16, 0.0)
+
+
+def _tf_same_offset(length, layers):
+    """Unit 0's centre from timm's TF-"same" rule, written out: a (kernel k, stride s) layer on a length-x input
+    pads `max((ceil(x / s) - 1) * s + k - x, 0)` pixels, `floor(pad / 2)` before, and outputs `ceil(x / s)`."""
+    offset, jump = 0.0, 1
+    for k, s in layers:
+        pad_before = max((math.ceil(length / s) - 1) * s + k - length, 0) // 2
+        offset += ((k - 1) / 2 - pad_before) * jump
+        length, jump = math.ceil(length / s), jump * s
+    return offset
+
+
+def test_tf_same_offsets_follow_timm_padding_for_every_input_size():
+    layers = [(3, 2), (3, 1), (5, 2), (1, 2)]
+    module = nn.Sequential(*(create_conv2d(2, 2, k, stride=s, padding="same") for k, s in layers))
+    by_size = ReceptiveFieldBySize(module, in_channels=2, probe_size=48)
+    assert by_size.base.stride == (8, 8) and by_size.base.size == (15, 15)
+    offsets = {_tf_same_offset(n, layers) for n in range(40, 57)}
+    assert len(offsets) > 1  # the offset does depend on the size here
+    for height, width in [(40, 41), (43, 50), (29, 33), (7, 12), (56, 45), (101, 99)]:
+        rf = by_size(height, width)
+        assert rf.offset == (_tf_same_offset(width, layers), _tf_same_offset(height, layers)), (height, width)
+        assert (rf.size, rf.stride) == (by_size.base.size, by_size.base.stride)
+    assert receptive_field(module, in_channels=2, probe_size=48) == by_size.base
+
+
+def _input_gradient_centre(module, length, axis, thin=16):
+    """Centre of the central unit's support along `axis`, from the input gradient of a linearised copy
+    (activations replaced by identities: no dead unit can hide part of the support)."""
+    linear = copy.deepcopy(module).float().eval()
+    for name, child in list(linear.named_modules()):
+        if isinstance(child, nn.ReLU6 | nn.ReLU):
+            parent, _, attribute = name.rpartition(".")
+            setattr(linear.get_submodule(parent), attribute, nn.Identity())
+    shape = [1, 3, thin, thin]
+    shape[axis] = length
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    output = linear(image)
+    unit = output.shape[axis] // 2
+    output.select(axis, unit).sum().backward()
+    support = image.grad.abs().sum(dim=[d for d in range(4) if d != 4 + axis]).nonzero().flatten()
+    return unit, (support[0].item() + support[-1].item()) / 2
+
+
+@pytest.fixture(scope="module")
+def lite0_delf():
+    return DelfExtractor(Backbone("tf_efficientnet_lite0", pretrained=False), stage=3, scales=[1.0])
+
+
+@pytest.mark.parametrize(("length", "axis"), [(401, -1), (458, -1), (507, -2)])
+def test_delf_offsets_on_tf_efficientnet_lite0_match_an_input_gradient_probe(lite0_delf, length, axis):
+    assert length % 16 != 0
+    rf = lite0_delf.receptive_field_at(length, length)
+    index = 0 if axis == -1 else 1
+    unit, centre = _input_gradient_centre(lite0_delf.features, length, axis)
+    assert rf.offset[index] + rf.stride[index] * unit == centre
+    assert rf.offset[index] == (length - 1) % 16  # 15 px at 512 (the single probe's value), 0 at 497, ...
+
+
+def test_pyramid_locates_each_scale_by_the_field_of_its_own_input_size():
+    image = torch.rand(3, 30, 50, generator=torch.Generator().manual_seed(0))
+    sizes = []
+
+    def field_at(height, width):
+        sizes.append((height, width))
+        return ReceptiveField(size=(2, 2), stride=(2, 2), offset=(float(width), float(height)))
+
+    found = extract_local_features(bright_square_features, image, FeatureNormScorer(), field_at,
+                                   scales=[0.5, 1.0], top_n=1000)
+    assert sizes == [(15, 25), (30, 50)]
+    # unit (0, 0) of a scale sits at (w', h'), mapped back by (x' + 0.5) * 50 / w' - 0.5: (50.5, 30.5) from the
+    # half scale, (50, 30) from the full one
+    corners = {tuple(point) for point in found.keypoints.tolist()} & {(50.5, 30.5), (50.0, 30.0)}
+    assert corners == {(50.5, 30.5), (50.0, 30.0)}
 
 
 def test_receptive_field_larger_than_probe_is_a_config_error():

@@ -19,14 +19,24 @@ def _backbone() -> nn.Module:
 
 
 def test_training_step_takes_tuple_batches_and_mined_flat_batches():
-    tuples = FineTuningModule(_backbone(), GeM(), loss=ContrastiveLoss())
-    loss = tuples.training_step({"images": torch.rand(2, 4, 3, 16, 16)}, 0)
-    assert loss.ndim == 0 and loss.requires_grad
-    flat = FineTuningModule(_backbone(), GeM(), loss=TripletLoss(), miner=TripletMiner("batch_hard"))
+    tuples = FineTuningModule(_backbone(), GeM(), loss=ContrastiveLoss()).train()
+    images = torch.rand(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loss = tuples.training_step({"images": images}, 0)
+    # the tuple layout: the (2, 4) images described as one batch, then the loss over (query, positive, 2 negatives)
+    descriptors = tuples.head(tuples.backbone(images.flatten(0, 1)))
+    torch.testing.assert_close(descriptors.norm(dim=1), torch.ones(8))
+    torch.testing.assert_close(loss, ContrastiveLoss()(descriptors.unflatten(0, (2, 4))))
+    assert loss.requires_grad and loss > 0
+
+    miner = TripletMiner("batch_hard")
+    flat = FineTuningModule(_backbone(), GeM(), loss=TripletLoss(), miner=miner).train()
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    loss = flat.training_step({"images": torch.rand(6, 3, 16, 16), "labels": labels}, 0)
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    loss = flat.training_step({"images": images, "labels": labels}, 0)
+    descriptors = flat.head(flat.backbone(images))
+    torch.testing.assert_close(loss, TripletLoss()(descriptors, labels, miner(descriptors, labels)))
     loss.backward()
-    assert flat.head.p.grad is not None
+    assert flat.head.p.grad is not None and flat.backbone[0].weight.grad.abs().sum() > 0
 
 
 def test_frozen_batchnorm_keeps_its_statistics():

@@ -37,6 +37,13 @@ def test_junk_is_removed_before_ranks_are_counted():
     assert scores.mean_precision_at_k == {1: 1.0, 5: 1.0, 10: 1.0}
 
 
+def test_an_image_both_positive_and_junk_counts_as_the_official_code_counts_it():
+    # official compute_map: a positive's rank drops the junk strictly before it, so image 0 (positive and junk)
+    # keeps rank 0 and is dropped before image 2 (rank 2 - 1 = 1): ranks 0, 1 -> AP 1
+    scores = protocol_scores(np.array([[0, 1, 2]]), *_masks(3, [0, 2], junk=[0]))
+    assert scores.average_precision[0] == pytest.approx(1.0)
+
+
 def test_single_positive_at_rank_r_gives_half_of_two_precisions():
     # one positive at rank 2: (0/2 + 1/3) / 2
     scores = protocol_scores(np.array([[4, 3, 0, 1, 2]]), *_masks(5, [0]))

@@ -72,9 +72,12 @@ def evaluate(cfg: DictConfig) -> dict | None:
     test_time_whitening = _whitening_options(cfg)  # checked before any weight or image is read
     if test_time_whitening is not None and cfg.get("from_run"):
         raise ConfigError("from_run re-scores saved descriptors as they are: drop whitening=")
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
     from hetretrieval.evaluation.run_files import claim_output_dir, release_output_dir
 
-    output_dir = claim_output_dir(cfg.paths.output_dir)
+    # under a DDP launcher every rank runs this function; only rank 0 writes (and so claims) the folder
+    output_dir = claim_output_dir(cfg.paths.output_dir) if rank_zero_only.rank == 0 else Path(cfg.paths.output_dir)
     try:
         if cfg.get("from_run"):
             from hetretrieval.evaluation.rescore import rescore_run
