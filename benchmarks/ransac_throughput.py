@@ -1,18 +1,23 @@
-"""Verified image pairs per second: batched torch RANSAC vs per-pair OpenCV RANSAC, on real ORB matches.
+"""Verified image pairs per second: each RANSAC backend vs per-pair OpenCV RANSAC, on real ORB matches.
 
 Images: scikit-image's motorcycle stereo pair and four unrelated photographs (astronaut, coffee, chelsea,
 rocket), each plus `--views` random perspective warps of itself, so that the pairs mix true matches (same
 photo or same scene) and unrelated images. Every unordered pair is matched (ORB, mutual NN + ratio test) and
-verified by both paths with the same model, threshold and iteration budget; the batched path always runs all
-iterations, OpenCV stops early once `--confidence` is reached (it refuses confidence 1).
-Prints pairs/s (best of `--repeats`, extraction and matching excluded) and the agreement of inlier counts.
+verified with the same model, threshold, iteration budget and `--confidence` by
+- `GeometricVerifier(backend="batched")`: batched torch, each pair leaving the batch once its confidence is met;
+- the same with `confidence=1` (every pair runs all iterations: the batched path before early stopping);
+- `GeometricVerifier(backend="opencv")`: OpenCV per pair, then the least-squares refit;
+- the reference, `ransac_opencv` per pair (OpenCV alone).
+Timings are interleaved (benchmarks/_interleave.py; extraction and matching excluded): pairs/s at min / median
+and the ratio of each path's rate to the reference's, then the agreement of its inlier counts with the
+reference (within max(5, 10%)), and the backend `auto` picks.
 
-    .venv/bin/python benchmarks/ransac_throughput.py [--views 3] [--threads 1] [--batch-size 64]
+    .venv/bin/python benchmarks/ransac_throughput.py [--views 3] [--threads 1] [--repeats 3]
 
-Measured on the 2-core CPU machine (276 pairs, ORB 1000, 5 px, 1000 iterations, under shared load): affine,
-batched 306-464 pairs/s vs OpenCV ~4,300 (early stopping makes cheap affine fits fast); homography, batched
-172-275 pairs/s vs OpenCV 55-114. Inliers, same photo/scene vs unrelated (median): affine 207 vs 5, homography
-275 vs 6; 98% (homography) and 94% (affine) of pairs agree with OpenCV within max(5, 10%).
+Measured on the shared 2-core CPU (276 pairs, 1 thread, 3 repeats; rate ratios to OpenCV, mins / medians):
+affine, batched 0.076 / 0.102, batched at confidence 1 0.048 / 0.066, opencv backend + refit (the `auto`
+choice) 0.64 / 0.66; homography, batched (the `auto` choice) 2.97 / 2.89, at confidence 1 2.27 / 2.27.
+Inliers within max(5, 10%) of OpenCV's: affine 96.7% (batched), 98.9% (opencv + refit); homography 98.2%.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -32,10 +37,10 @@ from scipy.stats import spearmanr
 
 from hetretrieval.models.local.matching import match_features
 from hetretrieval.models.local.orb import extract_orb
-from hetretrieval.models.local.ransac import GeometricVerifier
+from hetretrieval.models.local.ransac import GeometricVerifier, ransac_opencv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from opencv_reference import ransac_opencv  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interleave import interleave, print_ratio, summary  # noqa: E402
 
 
 def photographs() -> dict[str, np.ndarray]:
@@ -56,13 +61,22 @@ def perspective_views(image: np.ndarray, count: int, rng: np.random.Generator) -
     return views
 
 
-def best_time(run: Callable[[], list[int]], repeats: int) -> tuple[float, list[int]]:
-    timings, counts = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        counts = run()
-        timings.append(time.perf_counter() - start)
-    return min(timings), counts
+def verifier_counts(verify: GeometricVerifier, pairs: list) -> np.ndarray:
+    return np.array([int(mask.sum()) for mask in verify(pairs)])
+
+
+def opencv_counts(pairs: list, model: str, args: argparse.Namespace) -> np.ndarray:
+    return np.array([
+        int(ransac_opencv(src, dst, model, args.threshold, args.iterations, args.confidence)[0].sum())
+        for src, dst in pairs
+    ])
+
+
+def recording(counts: dict, label: str, run: Callable[[], np.ndarray]) -> Callable[[], None]:
+    """`run`, keeping its inlier counts under `label` (timed runs return nothing)."""
+    def record() -> None:
+        counts[label] = run()
+    return record
 
 
 def main() -> None:
@@ -102,40 +116,36 @@ def main() -> None:
     )
 
     for model in ("affine", "homography"):
-        verify = GeometricVerifier(
-            model=model, threshold=args.threshold, iterations=args.iterations, batch_size=args.batch_size
-        )
-        paths = {
-            f"batched torch (batch {args.batch_size})": lambda verify=verify: [
-                int(m.sum()) for m in verify(pairs)
-            ],
-            f"OpenCV per pair (confidence {args.confidence})": lambda model=model: [
-                int(ransac_opencv(src, dst, model, args.threshold, args.iterations, args.confidence)[0].sum())
-                for src, dst in pairs
-            ],
+        options = {"model": model, "threshold": args.threshold, "iterations": args.iterations,
+                   "batch_size": args.batch_size}
+        verifiers = {
+            "batched": GeometricVerifier(backend="batched", confidence=args.confidence, **options),
+            "batched, confidence 1": GeometricVerifier(backend="batched", confidence=1.0, **options),
+            "opencv backend (+ refit)": GeometricVerifier(backend="opencv", confidence=args.confidence, **options),
         }
-        print(f"\n{model}")
-        counts = {}
-        for label, run in paths.items():
-            seconds, counts[label] = best_time(run, args.repeats)
-            found = np.array(counts[label])
+        counts: dict[str, np.ndarray] = {}
+        reference = f"OpenCV per pair (confidence {args.confidence})"
+        runs = {label: recording(counts, label, partial(verifier_counts, verify, pairs))
+                for label, verify in verifiers.items()}
+        runs[reference] = recording(counts, reference, partial(opencv_counts, pairs, model, args))
+        timings = interleave(runs, args.repeats)
+        auto = GeometricVerifier(confidence=args.confidence, **options).resolved_backend
+        print(f"\n{model} (backend=auto picks {auto})")
+        for label, seconds in timings.items():
+            print(f"  {label:<36} {summary(seconds, len(pairs), unit='pairs/s')}   n={len(seconds)}")
+        for label in verifiers:
+            print_ratio(f"{label} / OpenCV (pairs/s)", timings[label], timings[reference], invert=True, width=50)
+        opencv = counts[reference]
+        for label in verifiers:
+            found = counts[label]
+            difference = np.abs(found - opencv)
+            within = difference <= np.maximum(5, 0.1 * np.maximum(found, opencv))
             print(
-                f"  {label:36s} {len(pairs) / seconds:8.1f} pairs/s   inliers: same photo/scene median "
-                f"{np.median(found[positive]):.0f}, unrelated median {np.median(found[~positive]):.0f} "
-                f"max {found[~positive].max()}"
+                f"  {label:28s} inliers: same photo/scene median {np.median(found[positive]):.0f}, unrelated "
+                f"median {np.median(found[~positive]):.0f} max {found[~positive].max()}; vs OpenCV: |diff| "
+                f"mean {difference.mean():.2f} max {difference.max()}, within max(5, 10%) {within.mean():.1%}, "
+                f"Spearman {spearmanr(found, opencv)[0]:.3f}"
             )
-        batched, opencv = (np.array(found) for found in counts.values())
-        difference = np.abs(batched - opencv)
-        within = difference <= np.maximum(5, 0.1 * np.maximum(batched, opencv))
-        rank_all, rank_positive = (
-            spearmanr(batched, opencv)[0],
-            spearmanr(batched[positive], opencv[positive])[0],
-        )
-        print(
-            f"  agreement: |batched - OpenCV| mean {difference.mean():.2f}, max {difference.max()}; "
-            f"within max(5, 10%) for {within.mean():.1%} of pairs; Spearman {rank_all:.3f} "
-            f"(same photo/scene pairs {rank_positive:.3f})"
-        )
 
 
 if __name__ == "__main__":

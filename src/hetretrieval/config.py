@@ -1,4 +1,5 @@
-"""Configuration: the project-root resolver, typed run options, and Hydra instantiation with clear errors.
+"""Configuration: where the configs are (checkout or wheel), path resolvers, typed run options, and Hydra
+instantiation with clear errors.
 
 Typed options (dataclasses) are merged with the composed config at start-up, so a wrong type or an unknown key
 fails before any image is read; errors raised inside `_target_` constructors come out as one clear line.
@@ -17,11 +18,27 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hetretrieval.errors import ConfigError, HetRetrievalError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# a wheel ships the repository's conf/ inside the package (pyproject.toml: package-dir `hetretrieval.conf`); a
+# checkout (editable install) reads its own conf/, so that edits show up
+_PACKAGED = (PACKAGE_DIR / "conf").is_dir()
+PROJECT_ROOT: Path | None = None if _PACKAGED else PACKAGE_DIR.parents[1]
+CONFIG_DIR = PACKAGE_DIR / "conf" if _PACKAGED else PACKAGE_DIR.parents[1] / "conf"
 
-if not OmegaConf.has_resolver("project_root"):
-    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+if not OmegaConf.has_resolver("project_root"):  # paths.root_dir: the checkout, else the current directory
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT or Path.cwd()))
+if not OmegaConf.has_resolver("cwd"):  # paths.log_dir / cache_dir: where the command runs
+    OmegaConf.register_new_resolver("cwd", lambda: str(Path.cwd()))
+
+
+def _sweep_subdir() -> str:
+    from hetretrieval.loggers import sweep_subdir  # loggers imports this module
+
+    return sweep_subdir()
+
+
+if not OmegaConf.has_resolver("sweep_subdir"):  # hydra.sweep.subdir: `<job number>_<swept overrides>`
+    OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir)
 
 
 @dataclass
@@ -34,6 +51,14 @@ class ExtractionOptions:
     num_workers: int = 0  # data-loading worker processes
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale extraction (e.g. [1, 0.707, 0.5])
     scale_aggregation: str = "mean"  # how per-scale descriptors combine: mean | gem (cirtorch's msp power mean)
+    # exact: batches of one image size (descriptors never depend on batching); aspect: each image resized to the
+    # nearest of a few shapes per aspect ratio, sides multiples of the backbone's stride, so batches fill (the
+    # GPU path for mixed-size archives; descriptors move: cosine to exact, heritage-wild at 256 px, stride 32:
+    # median 0.949, min 0.731 over 40 images; tests/integration/test_extraction_numerics.py bounds 0.93 / 0.70)
+    bucketing: str = "exact"
+    precision: str = "32"  # 32 | bf16 | 16: autocast of the network (16 on a CPU falls back to bf16, logged once)
+    channels_last: bool = False  # NHWC network and batches (convolutions on GPUs' tensor cores)
+    pin_memory: bool = True  # pinned host batches when a CUDA device is present
 
     def __post_init__(self) -> None:
         _check(self.max_size is None or self.max_size >= 16, "extraction.max_size", "an integer >= 16 or null",
@@ -46,6 +71,8 @@ class ExtractionOptions:
                "a non-empty list of positive numbers", self.scales)
         _check(self.scale_aggregation in ("mean", "gem"), "extraction.scale_aggregation", "mean or gem",
                self.scale_aggregation)
+        _check(self.bucketing in ("exact", "aspect"), "extraction.bucketing", "exact or aspect", self.bucketing)
+        _check(self.precision in ("32", "bf16", "16"), "extraction.precision", "32, bf16 or 16", self.precision)
 
 
 @dataclass
@@ -71,6 +98,14 @@ class EvaluationOptions:
     report: bool = True  # figures (best/worst classes), per-class heatmap, tag correlations under report/
     query_expansion: ExpansionOptions | None = None  # αQE {k, alpha} after the search; null: off
     dba: ExpansionOptions | None = None  # database-side augmentation {k, alpha}; null: off
+    # global search: exact (every positive ranked) | ivfpq | hnsw (faiss short-list, exactly re-scored; AP over it)
+    search: str = "exact"
+    shortlist: int = 1000  # ivfpq / hnsw: candidates per query, re-scored exactly (covers top_k and every k)
+    ivf_lists: int | None = None  # ivfpq: inverted lists; null: min(4 sqrt(N), N / 39)
+    pq_m: int | None = None  # ivfpq: code bytes a vector (a divisor of D); null: the largest divisor <= D / 8
+    nprobe: int | None = None  # ivfpq: lists visited per query; null: max(16, ivf_lists / 64)
+    hnsw_m: int = 32  # hnsw: graph neighbours per vector
+    ef_search: int | None = None  # hnsw: search breadth; null: 2 x shortlist (never below it)
 
     def __post_init__(self) -> None:
         _check(bool(self.ks) and all(k >= 1 for k in self.ks), "evaluation.ks", "a non-empty list of integers >= 1",
@@ -78,6 +113,13 @@ class EvaluationOptions:
         _check(self.top_k >= 1, "evaluation.top_k", "an integer >= 1", self.top_k)
         _check(self.max_batch_entries >= 1, "evaluation.max_batch_entries", "an integer >= 1",
                self.max_batch_entries)
+        _check(self.search in ("exact", "ivfpq", "hnsw"), "evaluation.search", "exact, ivfpq or hnsw", self.search)
+        _check(self.search == "exact" or self.shortlist >= max(self.top_k, *self.ks), "evaluation.shortlist",
+               "an integer >= evaluation.top_k and every evaluation.ks", self.shortlist)
+        for key in ("ivf_lists", "pq_m", "nprobe", "ef_search"):
+            _check(getattr(self, key) is None or getattr(self, key) >= 1, f"evaluation.{key}",
+                   "an integer >= 1 or null", getattr(self, key))
+        _check(self.hnsw_m >= 2, "evaluation.hnsw_m", "an integer >= 2", self.hnsw_m)
         for key, expansion in (("query_expansion", self.query_expansion), ("dba", self.dba)):
             if expansion is not None:
                 expansion.check(f"evaluation.{key}")
@@ -155,3 +197,34 @@ def compose_option(group: str, name: str, context: DictConfig) -> DictConfig:
         return OmegaConf.create(OmegaConf.to_container(scope[group], resolve=True))
     except OmegaConfBaseException as error:
         raise ConfigError(f"{group}={name}: {str(error).splitlines()[0]}") from None
+
+
+def check_entry_point(cfg: DictConfig, entry_point: str) -> None:
+    """Refuse an `experiment=` preset written for another command: each preset names its own (`entry_point`)."""
+    meant = cfg.get("entry_point")
+    if meant is not None and meant != entry_point:
+        raise ConfigError(f"this experiment preset is for {meant}, not {entry_point}: run it as "
+                          f"`{meant} experiment=...`")
+
+
+def compose_run(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config an entry point's run gets (`config_name`: eval, train, analyze, ...), composed without
+    `hydra.main` (notebooks, scripts): Hydra's run context is set as a run would set it, so that
+    `${hydra:runtime.output_dir}` and the run folder (`hydra.run.dir`, under `paths.log_dir`) resolve."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(Path(cfg.hydra.run.dir).resolve())
+        cfg.hydra.job.name = config_name
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from hetretrieval.analysis.breakdown import tag_breakdown
-from hetretrieval.data.datasets import csv_manifest, list_images
+from hetretrieval.data.datasets import ImageRecord, csv_manifest, list_images, make_dataset
 from hetretrieval.evaluation.run_files import write_run
 from hetretrieval.evaluation.study import StudyPlan, variation_study
 from hetretrieval.extraction.batching import ImageSource
@@ -39,7 +40,7 @@ def test_multirun_four_poolings_offline_wandb_then_sweep(tmp_path):
     _run("hetretrieval.cli.evaluate", "-m", "pooling=mac,spoc,gem,rmac", "logger=many_loggers", *TINY_BUILTIN,
          f"hydra.sweep.dir={sweep}", f"dataset.cache_dir={tmp_path / 'cache'}")
     runs = sorted(p.name for p in sweep.iterdir() if (p / "summary.json").is_file())
-    assert runs == ["0_mac", "1_spoc", "2_gem", "3_rmac"]
+    assert runs == ["0_pooling=mac", "1_pooling=spoc", "2_pooling=gem", "3_pooling=rmac"]  # the swept override
     assert all(len(list((sweep / r / "wandb").glob("offline-run-*"))) == 1 for r in runs)
 
     report = tmp_path / "report"
@@ -47,12 +48,35 @@ def test_multirun_four_poolings_offline_wandb_then_sweep(tmp_path):
                f"hydra.run.dir={report}")
     assert "rmac" in out
     markdown = (report / "comparison.md").read_text()
-    assert "| class | n_queries | mac | spoc | gem | rmac | Avg |" in markdown
+    assert "| class | n_queries | pooling=mac | pooling=spoc | pooling=gem | pooling=rmac | Avg |" in markdown
     assert (report / "per_class_map.png").stat().st_size > 1000
     # the builtin images carry per-variation strengths: class annotations derived from them are correlated
     assert (report / "correlation_heatmap.png").stat().st_size > 1000
     with (report / "comparison.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 3
+
+
+def test_sweep_over_runs_of_different_datasets_says_so_and_still_compares(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(images / f"{i}.png")
+    descriptors = np.eye(6, dtype=np.float32)[[0, 0, 1, 1, 2, 2]]
+    for name, classes in (("set_a", ["a0", "a1", "a2"]), ("set_b", ["b0", "b1", "b2"])):
+        dataset = make_dataset(name, [ImageRecord(images / f"{i}.png", classes[i // 2], {"domain": "photo" if i % 2
+                                                  else "sketch"}) for i in range(6)])
+        results = evaluate_retrieval(descriptors, dataset.labels, dataset.query_ids, dataset.database_ids, ks=(1,),
+                                     top_k=5)
+        write_run(tmp_path / "runs" / name, dataset, results, descriptors, np.ones(6, bool), {},
+                  {"descriptor": "gem", "backbone": "toy", "overrides": [f"dataset={name}", "pooling=gem"]}, (1,))
+    report = tmp_path / "report"
+    out = _run("hetretrieval.cli.analyze", "task=sweep", f"runs=[{tmp_path / 'runs'}]", "annotations=tags",
+               "bootstrap_resamples=100", f"hydra.run.dir={report}")
+    assert "note: the runs are of 2 different datasets (set_a, set_b)" in out
+    assert "no correlation with the class annotations (those of set_a)" in out
+    markdown = (report / "comparison.md").read_text()
+    assert "| class | n_queries | dataset=set_a | dataset=set_b | Avg | Overall |" in markdown
+    assert "| a0 | 2 | **1.000** | - | 1.000 | 1 |" in markdown and "| b2 | 2 | - | **1.000** | 1.000 | - |" in markdown
 
 
 @pytest.fixture(scope="module")

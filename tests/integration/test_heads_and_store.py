@@ -84,6 +84,27 @@ def test_identical_rerun_hits_the_store_and_any_change_misses(compose_eval, tmp_
     assert run()["descriptor_cache"] == "hit"
 
 
+def test_a_float16_store_is_memory_mapped_and_scores_like_float32(compose_eval, tmp_path):
+    cache = tmp_path / "store"
+
+    def run(name, *overrides):
+        return evaluate(compose_eval(*TINY_BUILTIN, f"paths.cache_dir={cache}", f"dataset.cache_dir={cache}",
+                                     f"paths.output_dir={tmp_path / name}", *overrides))
+
+    fresh = run("fresh", "store.dtype=float16")  # a miss: scored on the float32 descriptors just extracted
+    assert fresh["descriptor_cache"] == "miss"
+    (stored,) = cache.glob("descriptors/*.descriptors.npy")
+    assert np.load(stored, mmap_mode="r").dtype == np.float16
+    reread = run("reread", "store.dtype=float16")
+    assert reread["descriptor_cache"] == "hit"
+    assert reread["mAP"] == pytest.approx(fresh["mAP"], abs=1e-3)
+    np.testing.assert_allclose(np.load(tmp_path / "reread" / "descriptors.npy"),
+                               np.load(tmp_path / "fresh" / "descriptors.npy"), atol=1e-3, rtol=0)
+    assert run("float32")["descriptor_cache"] == "miss"  # the dtype is part of the key
+    with pytest.raises(ConfigError, match="store.dtype"):
+        run("bad", "store.dtype=int8")
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")

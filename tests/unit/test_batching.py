@@ -56,3 +56,35 @@ def test_bad_crop_box_is_reported_and_never_loaded(tmp_path):
 def test_ids_restrict_the_batches():
     batches = list(SizeBucketBatchSampler(SHAPES, batch_size=4, ids=[5, 0, 1]))
     assert sorted(i for b in batches for i in b) == [0, 1, 5]
+
+
+def test_aspect_shape_keeps_capped_longer_side_and_snaps_to_stride():
+    from hetretrieval.extraction.batching import aspect_shape
+
+    assert aspect_shape(512, 384, 32, 512) == (512, 384)  # 3/4 is a bucket ratio, both sides multiples
+    assert aspect_shape(300, 512, 32, 512) == (320, 512)  # 0.586 -> 3/5 -> 307.2 -> 320
+    assert aspect_shape(227, 227, 32, 800) == (192, 192)  # levels 800, 576, 384, 288, 192: 192 is nearest in log
+    for height, width in [(511, 97), (33, 700), (800, 799), (1, 1)]:
+        shape = aspect_shape(height, width, 14, 800)
+        assert all(side % 14 == 0 and side >= 14 for side in shape)
+        assert (shape[0] >= shape[1]) == (height >= width)
+
+
+def test_read_ahead_yields_in_order_and_reraises_errors():
+    import pytest
+
+    from hetretrieval.extraction.engine import _read_ahead
+
+    assert list(_read_ahead(iter(range(7)), depth=2)) == list(range(7))
+
+    def failing():
+        yield 1
+        raise ValueError("bad batch")
+
+    reader = _read_ahead(failing(), depth=2)
+    assert next(reader) == 1
+    with pytest.raises(ValueError, match="bad batch"):
+        next(reader)
+    abandoned = _read_ahead(iter(range(100)), depth=1)
+    assert next(abandoned) == 0
+    abandoned.close()  # the producer thread ends instead of blocking on a full queue

@@ -1,4 +1,7 @@
-"""Descriptor matching against brute-force loops; Hamming distance against a numpy bit count."""
+"""Descriptor matching against brute-force loops; Hamming distance against a numpy bit count.
+
+Binary (ORB) matching is also checked on real heritage-wild ORB features (skipped without ../shared/data).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from hetretrieval.data.images import load_image
 from hetretrieval.errors import ConfigError
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.local.matching import (
     descriptor_distance,
     hamming_distance,
+    match_binary,
     match_descriptors,
     match_features,
+    match_features_to_many,
 )
+from hetretrieval.models.local.orb import extract_orb
 
 
 def unit_descriptors(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -37,6 +44,11 @@ def brute_force_matches(distance: np.ndarray, mutual: bool, ratio: float | None)
             continue
         matches.append((i, j))
     return matches
+
+
+def popcount_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Brute-force Hamming distances of packed descriptors: XOR, unpack, count."""
+    return np.unpackbits(a[:, None] ^ b[None], axis=-1).sum(-1)
 
 
 def test_hamming_distance_matches_numpy_bit_count():
@@ -89,6 +101,41 @@ def test_edge_cases():
         match_descriptors(one, one, ratio=1.5)
     with pytest.raises(ValueError):
         match_descriptors(one, unit_descriptors(1, 32, 0))
+    with pytest.raises(ValueError, match="packed descriptors differ"):
+        match_binary(one.numpy(), [binary_descriptors(3, 16, 0).numpy()])
+    matches = match_binary(binary_descriptors(4, 32, 1).numpy(), [empty.numpy(), one.numpy()])
+    assert [m.shape for m in matches] == [(0, 2), (1, 2)]  # 4 proposals of one descriptor: one is mutual
+
+
+@pytest.mark.parametrize(("mutual", "ratio"), [(True, None), (False, 0.9), (True, 0.9), (False, None)])
+def test_binary_matching_to_many_equals_brute_force_with_ties(mutual, ratio):
+    """2-byte descriptors: most distances tie, so the lowest-index rule decides most matches."""
+    a = binary_descriptors(300, 2, 8).numpy()
+    others = [binary_descriptors(n, 2, 9 + n).numpy() for n in (1, 40, 700, 0, 250)]
+    for other, matches in zip(others, match_binary(a, others, mutual, ratio), strict=True):
+        expected = brute_force_matches(popcount_distance(a, other).astype(float), mutual, ratio) if len(other) else []
+        assert matches.dtype == np.int64 and [tuple(pair) for pair in matches.tolist()] == expected
+
+
+@pytest.fixture(scope="module")
+def heritage_orb(heritage_root) -> list[LocalFeatures]:
+    """ORB 1000 at 512 px on ten heritage-wild images: four Notre-Dame views first, then six others."""
+    names = sorted(p.name for p in heritage_root.iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
+    notre_dame = [n for n in names if "notre" in n.lower()][:4]
+    others = [n for n in names if n not in notre_dame][:6]
+    return [extract_orb(load_image(heritage_root / name, max_size=512)) for name in notre_dame + others]
+
+
+@pytest.mark.parametrize(("mutual", "ratio"), [(True, None), (True, 0.9), (False, 0.8)])
+def test_orb_matching_on_heritage_images_equals_brute_force_popcount(heritage_orb, mutual, ratio):
+    query, database = heritage_orb[0], heritage_orb[1:]
+    assert all(len(f) > 500 for f in heritage_orb)
+    to_many = match_features_to_many(query, database, mutual, ratio)
+    for other, many in zip(database, to_many, strict=True):
+        distance = popcount_distance(query.descriptors, other.descriptors).astype(float)
+        expected = brute_force_matches(distance, mutual, ratio)
+        assert [tuple(pair) for pair in many.tolist()] == expected
+        np.testing.assert_array_equal(match_features(query, other, mutual, ratio), many)
 
 
 def test_match_features_returns_numpy_pairs():

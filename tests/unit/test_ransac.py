@@ -20,6 +20,7 @@ from hetretrieval.models.local.ransac import (
     fit_homography,
     pad_correspondences,
     ransac_batched,
+    required_iterations,
     transfer_error,
 )
 from opencv_reference import ransac_opencv
@@ -147,9 +148,51 @@ def test_fixed_seed_is_deterministic():
     assert torch.equal(first.inliers, second.inliers)
 
 
-def test_geometric_verifier_keeps_input_order():
+def test_required_iterations_hand_computed():
+    best, counts = torch.tensor([50, 0, 100, -1, 30]), torch.tensor([100, 100, 100, 0, 100])
+    # w = 0.5: log(0.001) / log(1 - 0.125) = 51.7 -> 52; w = 0 or no model: all; w = 1: none;
+    # w = 0.3: log(0.001) / log(1 - 0.027) = 252.4 -> 252
+    assert required_iterations(best, counts, 3, 0.999, 1000).tolist() == [52, 1000, 0, 1000, 252]
+    assert required_iterations(best, counts, 3, 0.999, 100).tolist() == [52, 100, 0, 100, 100]
+    assert required_iterations(best, counts, 4, 1.0, 1000).tolist() == [1000] * 5
+
+
+def test_each_pair_stops_once_its_confidence_is_reached():
+    """An easy pair (90% inliers) leaves the batch at the first check; a hard one (3 inliers in 40) runs on."""
+    easy = synthetic_pair(AFFINE, 200, 0.1, 0)
+    rng = np.random.default_rng(1)
+    hard_src = rng.uniform(0, 640, (40, 2)).astype(np.float32)
+    hard = (hard_src, rng.uniform(0, 640, (40, 2)).astype(np.float32))
+    pairs = [easy[:2], hard, easy[:2]]
+    adaptive = run_batched(pairs, "affine", iterations=1000, confidence=0.999)
+    exhaustive = run_batched(pairs, "affine", iterations=1000, confidence=1.0)
+    assert adaptive.drawn.tolist() == [64, 1000, 64] and exhaustive.drawn.tolist() == [1000, 1000, 1000]
+    for result in (adaptive, exhaustive):
+        np.testing.assert_array_equal(result.inliers[0, :200].numpy(), easy[2])
+    # the hard pair drew the same samples either way: the same best model
+    assert torch.equal(adaptive.inliers[1], exhaustive.inliers[1])
+
+
+def test_auto_backend_is_opencv_for_affine_on_cpu_else_batched():
+    assert GeometricVerifier().resolved_backend == "opencv"
+    assert GeometricVerifier(model="homography").resolved_backend == "batched"
+    assert GeometricVerifier(device="cuda").resolved_backend == "batched"
+    assert GeometricVerifier(confidence=1.0).resolved_backend == "batched"
+    assert GeometricVerifier(model="homography", backend="opencv").resolved_backend == "opencv"
+    with pytest.raises(ConfigError, match="confidence < 1"):
+        GeometricVerifier(backend="opencv", confidence=1.0)
+    with pytest.raises(ConfigError, match="backend"):
+        GeometricVerifier(backend="magsac")
+    with pytest.raises(ConfigError, match="confidence"):
+        GeometricVerifier(confidence=0.0)
+
+
+@pytest.mark.parametrize("backend", ["batched", "opencv"])
+@pytest.mark.parametrize("refine", [False, True])
+def test_geometric_verifier_keeps_input_order(backend, refine):
     pairs = [synthetic_pair(AFFINE, n, 0.3, seed)[:2] for seed, n in enumerate([80, 10, 2, 150, 40])]
-    masks = GeometricVerifier(threshold=THRESHOLD, iterations=300, batch_size=2)(pairs)
+    masks = GeometricVerifier(threshold=THRESHOLD, iterations=300, batch_size=2, backend=backend,
+                              refine=refine)(pairs)
     assert [len(mask) for mask in masks] == [80, 10, 2, 150, 40]
     for (src, dst), mask in zip(pairs, masks, strict=True):
         expected = np.linalg.norm(project(AFFINE, src) - dst, axis=1) <= THRESHOLD

@@ -1,10 +1,12 @@
 """`evaluate_retrieval` / `evaluate_rankings` on a hand-ranked toy collection: exclusion of the query itself,
-unlabelled images, queries without positives, dropped (-inf) entries, per-class and summary means."""
+unlabelled images, queries without positives, dropped (-inf) entries, per-class and summary means; the exact
+evaluation without sorting against brute force (ties, batches); truncated short-lists."""
 
 import numpy as np
 import pytest
 
-from hetretrieval.index.search import RankingBatch
+from hetretrieval.index.search import RankingBatch, iter_rankings
+from hetretrieval.metrics.ap import average_precision, average_precision_of_positives
 from hetretrieval.metrics.retrieval import (
     evaluate_rankings,
     evaluate_retrieval,
@@ -54,3 +56,72 @@ def test_dropped_entries_are_not_positives_and_invalid_records_leave_both_sides(
     results = evaluate_rankings([batch], LABELS, protocol, ks=(1,))
     assert results.n_positives.tolist() == [1] and results.ap.tolist() == [1.0]
     assert results.neighbours.tolist() == [[1, 4, 2, 0]]  # record indices, not database positions
+
+
+def _brute_force(descriptors, labels, query_ids, database_ids, ks, cut=None):
+    """Per-query AP (sklearn's tie-aware definition: distinct score thresholds), P@k and R@k from float64 scores,
+    each query's own entry left out; `cut` truncates the ranking (AP still divides by every positive)."""
+    ap, precision, recall = [], {k: [] for k in ks}, {k: [] for k in ks}
+    for q in query_ids:
+        others = np.array([i for i in database_ids if i != q])
+        relevant = np.array([labels[i] is not None and labels[i] == labels[q] for i in others])
+        scores = descriptors[others].astype(np.float64) @ descriptors[q].astype(np.float64)
+        order = np.argsort(-scores, kind="stable")[:cut]
+        scores, hits = scores[order], relevant[order]
+        ends = np.append(scores[1:] != scores[:-1], True)
+        found = np.cumsum(hits)[ends]
+        total = relevant.sum()
+        ap.append(np.sum(np.diff(found, prepend=0) * found / (np.flatnonzero(ends) + 1)) / total if total else np.nan)
+        for k in ks:
+            precision[k].append(hits[:k].sum() / k)
+            recall[k].append(hits[:k].sum() / total if total else np.nan)
+    return np.array(ap), precision, recall
+
+
+def test_exact_evaluation_without_sorting_equals_brute_force_with_ties_and_unlabelled_images():
+    rng = np.random.default_rng(0)
+    descriptors = (rng.integers(-1, 2, size=(90, 3)) / 2).astype(np.float32)  # exact, heavily tied scores
+    labels = [None if i % 7 == 0 else "abcde"[rng.integers(5)] for i in range(90)]
+    query_ids, database_ids = np.arange(0, 90, 2), np.arange(10, 90)
+    ap, precision, recall = _brute_force(descriptors, labels, query_ids, database_ids, (1, 3, 10))
+    protocol = search_protocol(query_ids, database_ids, np.ones(90, dtype=bool))
+    full = evaluate_rankings(iter_rankings(descriptors[query_ids], descriptors[database_ids], protocol.exclude),
+                             labels, protocol, ks=(1, 3, 10))
+    for entries in (80, 7 * 80, 1 << 20):  # one query a batch, seven, all
+        results = evaluate_retrieval(descriptors, labels, query_ids, database_ids, ks=(1, 3, 10), top_k=20,
+                                     max_batch_entries=entries)
+        np.testing.assert_allclose(results.ap, ap, atol=1e-12)
+        for k in (1, 3, 10):
+            np.testing.assert_allclose(results.precision[k], precision[k], atol=1e-12)
+            np.testing.assert_allclose(results.recall[k], recall[k], atol=1e-12)
+        assert (results.n_positives == full.n_positives).all()
+        np.testing.assert_array_equal(results.neighbours, full.neighbours[:, :20])
+    np.testing.assert_allclose(full.ap, ap, atol=1e-12)
+
+
+def test_average_precision_of_positives_equals_the_ranked_average_precision():
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 6, size=(40, 30)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.05] = -np.inf  # dropped entries: never positives
+    relevance = rng.random(scores.shape) < 0.3
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked_scores = np.take_along_axis(scores, order, axis=1)
+    expected = average_precision(np.take_along_axis(relevance, order, axis=1) & np.isfinite(ranked_scores),
+                                 ranked_scores)
+    positive_scores = np.where(relevance, scores, -np.inf)
+    got = average_precision_of_positives(np.sort(scores, axis=1), positive_scores)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert np.isnan(got).tolist() == np.isnan(expected).tolist()
+
+
+def test_a_truncated_ranking_counts_positives_outside_it_as_not_retrieved():
+    # records 0 (a, query), 1 (a), 2 (b), 3 (a), 4 (a); the short-list of query 0 holds 1, 2, 3 only
+    protocol = search_protocol(np.array([0]), np.arange(5), np.ones(5, dtype=bool))
+    batch = RankingBatch(0, np.array([[1, 2, 3]]), np.array([[0.9, 0.8, 0.7]]))
+    labels = ["a", "a", "b", "a", "a"]
+    results = evaluate_rankings([batch], labels, protocol, ks=(1, 3), top_k=3, truncated=True)
+    assert results.n_positives.tolist() == [3]  # 1, 3, 4: the query's own entry is not a positive
+    np.testing.assert_allclose(results.ap, [(1 / 1 + 2 / 3) / 3])  # 4 is not retrieved: precision 0
+    assert results.recall[3].tolist() == [2 / 3] and results.precision[3].tolist() == [2 / 3]
+    full = evaluate_rankings([batch], labels, protocol, ks=(1,), top_k=3)
+    np.testing.assert_allclose(full.ap, [(1 / 1 + 2 / 3) / 2])  # a full ranking counts what it holds

@@ -1,8 +1,20 @@
-"""Streaming faiss rankings against a dense numpy reference."""
+"""Exact search (blocked GEMM, stable ties, exclusion before sorting, float16 / memory-mapped databases) against
+dense float64 references, and the approximate short-lists (IVF-PQ, HNSW) against the exact search."""
+
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
-from hetretrieval.index.search import iter_rankings
+from hetretrieval.errors import ConfigError
+from hetretrieval.index.search import (
+    approximate_parameters,
+    approximate_rankings,
+    build_approximate_index,
+    iter_rankings,
+    similarity_batches,
+    stable_top_k,
+)
 from hetretrieval.models.pooling.functional import l2n
 
 
@@ -11,9 +23,32 @@ def _random_unit(n, d, seed):
     return l2n(torch.randn(n, d, generator=torch.Generator().manual_seed(seed))).numpy()
 
 
+def _tied(n, d, seed):
+    """Vectors with coordinates in {-0.5, 0, 0.5}: inner products are exact in float32, and tie often."""
+    return (np.random.default_rng(seed).integers(-1, 2, size=(n, d)) / 2).astype(np.float32)
+
+
+def _reference(queries, database, exclude=None):
+    """Stable descending ranking of float64 inner products, the excluded entry at -inf (so last)."""
+    scores = queries.astype(np.float64) @ database.astype(np.float64).T
+    if exclude is not None:
+        rows = np.flatnonzero(exclude >= 0)
+        scores[rows, exclude[rows]] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable"), scores
+
+
+def _clustered(n, d, n_clusters, seed, latent=4, spread=0.3):
+    """Unit vectors with structure, as descriptors have: a Gaussian mixture in a `latent`-d space, projected."""
+    rng = np.random.default_rng(seed)
+    projection = rng.standard_normal((latent, d))
+    centres = rng.standard_normal((n_clusters, latent))
+    points = (centres[rng.integers(n_clusters, size=n)] + spread * rng.standard_normal((n, latent))) @ projection
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
 def test_full_rankings_match_dense_argsort_in_any_batch_size():
     queries, database = _random_unit(13, 8, 0), _random_unit(40, 8, 1)
-    expected = np.argsort(-(queries @ database.T), axis=1, kind="stable")
+    expected, _ = _reference(queries, database)
     for entries in (40, 3 * 40, 1 << 20):
         batches = list(iter_rankings(queries, database, max_batch_entries=entries))
         positions = np.concatenate([b.positions for b in batches])
@@ -21,11 +56,105 @@ def test_full_rankings_match_dense_argsort_in_any_batch_size():
         assert all(np.all(np.diff(b.scores, axis=1) <= 1e-6) for b in batches)
 
 
-def test_excluded_item_goes_last_with_minus_inf():
-    database = _random_unit(10, 4, 2)
-    queries = database[[3, 7]]
-    exclude = np.array([3, -1])
-    (batch,) = iter_rankings(queries, database, exclude=exclude)
-    assert batch.positions[0, -1] == 3 and batch.scores[0, -1] == -np.inf
-    assert 3 not in batch.positions[0, :-1]
-    assert batch.positions[1, 0] == 7 and np.isfinite(batch.scores[1]).all()
+def test_ties_keep_the_lower_position_and_the_excluded_entry_goes_last():
+    database = _tied(60, 4, 3)
+    queries = database[:20]
+    exclude = np.where(np.arange(20) % 3 == 0, -1, np.arange(20))
+    expected, scores = _reference(queries, database, exclude)
+    assert (np.diff(np.sort(scores, axis=1), axis=1) == 0).mean() > 0.5  # the case is tie-heavy
+    (batch,) = iter_rankings(queries, database, exclude)
+    np.testing.assert_array_equal(batch.positions, expected)
+    dropped = exclude >= 0
+    assert (batch.positions[dropped, -1] == exclude[dropped]).all() and (batch.scores[dropped, -1] == -np.inf).all()
+    assert np.isfinite(batch.scores[~dropped]).all()
+
+
+def test_stable_top_k_equals_the_head_of_the_full_ranking_with_ties():
+    database, queries = _tied(50, 3, 4), _tied(30, 3, 5)
+    expected, _ = _reference(queries, database)
+    for k in (1, 4, 7, 49, 50, 80):
+        ((_, scores),) = similarity_batches(queries, database)
+        positions, values = stable_top_k(scores, k)
+        np.testing.assert_array_equal(positions, expected[:, :k])
+        np.testing.assert_array_equal(values, np.take_along_axis(scores, expected[:, :k], axis=1))
+
+
+def test_float16_and_memory_mapped_databases_are_searched_block_by_block(tmp_path):
+    queries, database = _random_unit(9, 16, 6), _random_unit(70, 16, 7)
+    half = database.astype(np.float16)
+    mapped = np.lib.format.open_memmap(tmp_path / "d.npy", mode="w+", dtype=np.float16, shape=half.shape)
+    mapped[:] = half
+    mapped.flush()
+    mapped = np.load(tmp_path / "d.npy", mmap_mode="r")
+    exclude = np.arange(9) - 1
+    expected = [s for _, s in similarity_batches(queries, half.astype(np.float32), exclude, 1 << 20)]
+    for entries in (16 * 5, 70 * 2):  # database blocks of 5 rows / query batches of 2
+        got = np.concatenate([s for _, s in similarity_batches(queries, mapped, exclude, entries)])
+        np.testing.assert_allclose(got, np.concatenate(expected), rtol=0, atol=1e-6)
+
+
+def _options(search, **overrides):
+    return SimpleNamespace(**{"search": search, "shortlist": 30, "ivf_lists": None, "pq_m": None, "nprobe": None,
+                              "hnsw_m": 16, "ef_search": None, **overrides})
+
+
+@pytest.mark.parametrize("search", ["ivfpq", "hnsw"])
+def test_approximate_short_lists_find_the_exact_neighbours(search):
+    database = _clustered(1200, 32, 12, seed=8)
+    queries = database[:40]
+    exclude = np.arange(40)
+    exact, _ = _reference(queries, database, exclude)
+    parameters = approximate_parameters(_options(search, shortlist=100), *database.shape)
+    index = build_approximate_index(database, parameters)
+    (batch,) = approximate_rankings(index, queries, database, 100, exclude)
+    assert batch.positions.shape == (40, 100) and np.isfinite(batch.scores).all()
+    assert not (batch.positions == exclude[:, None]).any()
+    recall = np.mean([np.intersect1d(a[:10], e[:10]).size / 10 for a, e in zip(batch.positions, exact, strict=True)])
+    assert recall >= 0.95
+    # the list is re-scored exactly: its scores are the true inner products, in descending order
+    np.testing.assert_allclose(batch.scores, np.einsum("qd,qkd->qk", queries, database[batch.positions]), atol=1e-5)
+    assert (np.diff(batch.scores, axis=1) <= 0).all()
+
+
+@pytest.mark.parametrize("search", ["ivfpq", "hnsw"])
+def test_a_short_list_covering_the_database_is_the_exact_ranking(search):
+    database = _clustered(300, 16, 6, seed=9)
+    queries, exclude = database[:25], np.where(np.arange(25) % 2 == 0, np.arange(25), -1)
+    options = _options(search, shortlist=300, ivf_lists=4, nprobe=4)
+    index = build_approximate_index(database, approximate_parameters(options, *database.shape))
+    (batch,) = approximate_rankings(index, queries, database, 300, exclude)
+    (exact,) = iter_rankings(queries, database, exclude)
+    np.testing.assert_array_equal(batch.positions, exact.positions)
+    np.testing.assert_allclose(batch.scores, exact.scores, atol=1e-6)
+
+
+def test_approximate_defaults_follow_the_database_size_and_bad_values_fail():
+    ivfpq = approximate_parameters(_options("ivfpq", shortlist=1000), 1_000_000, 512)
+    assert ivfpq == {"method": "ivfpq", "shortlist": 1000, "ivf_lists": 4000, "pq_m": 64, "pq_bits": 8,
+                     "nprobe": 62}
+    tiny = approximate_parameters(_options("ivfpq"), 12, 1280)
+    assert tiny["ivf_lists"] == 1 and tiny["nprobe"] == 1 and tiny["pq_m"] == 160 and tiny["shortlist"] == 12
+    assert approximate_parameters(_options("hnsw", shortlist=100), 5000, 8)["ef_search"] == 200
+    with pytest.raises(ConfigError, match="pq_m=7 must divide"):
+        approximate_parameters(_options("ivfpq", pq_m=7), 1000, 64)
+    with pytest.raises(ConfigError, match="ivf_lists=50 exceeds"):
+        approximate_parameters(_options("ivfpq", ivf_lists=50), 20, 64)
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    ({"search": "faiss"}, "evaluation.search"),
+    ({"search": "ivfpq", "shortlist": 50}, "evaluation.shortlist"),  # below top_k (100)
+    ({"search": "hnsw", "shortlist": 100, "ks": [1, 200]}, "evaluation.shortlist"),
+    ({"nprobe": 0}, "evaluation.nprobe"),
+    ({"ivf_lists": -4}, "evaluation.ivf_lists"),
+    ({"hnsw_m": 1}, "evaluation.hnsw_m"),
+    ({"pq_m": "eight"}, "evaluation.pq_m"),
+])
+def test_search_options_are_checked_at_start_up(node, message):
+    from omegaconf import OmegaConf
+
+    from hetretrieval.config import EvaluationOptions, typed
+
+    with pytest.raises(ConfigError, match=message):
+        typed(OmegaConf.create(node), EvaluationOptions, "evaluation")
+    assert typed(OmegaConf.create({"shortlist": 50}), EvaluationOptions, "evaluation").search == "exact"

@@ -33,6 +33,7 @@ from hetretrieval.analysis.correlation import (
 from hetretrieval.analysis.results import SUMMARY, SUPERSEDED, SavedRun, load_images, load_run
 from hetretrieval.analysis.tables import format_markdown_table
 from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.loggers import override_labels
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,17 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def run_labels(runs: Sequence[SavedRun]) -> list[str]:
-    """A column name per run: the descriptor, qualified by backbone and dataset where those vary across runs."""
+    """A column name per run: its saved command-line overrides that differ between the runs (`max_size=128`;
+    a single run: its own overrides). Where those leave runs alike (the heads of one run, runs without
+    overrides), the descriptor, qualified by backbone and dataset where those vary; `#n` numbers runs that
+    nothing tells apart."""
+    labels = override_labels([r.summary.get("overrides") or [] for r in runs])
+    if all(labels) and len(set(labels)) == len(labels):
+        return labels
     keys = [(r.summary.get("backbone", "?"), r.summary.get("dataset", "?"), r.descriptor) for r in runs]
     varying = [len({key[i] for key in keys}) > 1 for i in range(2)]
-    labels = ["/".join([*(part for part, vary in zip(key[:2], varying, strict=True) if vary), key[2]]) for key in keys]
+    labels = ["/".join([*([label] if label else []), *(part for part, vary in zip(key[:2], varying, strict=True)
+                                                        if vary), key[2]]) for label, key in zip(labels, keys, strict=True)]
     seen: dict[str, int] = {}
     unique = []
     for label in labels:
@@ -104,6 +112,7 @@ class Comparison:
     per_class: Table
     predominance: VariationPredominance | None
     correlations: tuple[Correlation, ...]
+    notes: tuple[str, ...] = ()  # what the reader should know (runs of different datasets)
 
     def summary_rows(self) -> list[dict]:
         """One row per run: label, backbone, dataset, mAP, class mAP, mP@k, throughput."""
@@ -146,6 +155,7 @@ class Comparison:
         if self.predominance is not None:
             class_columns.append(OVERALL_DIFFICULTY)
         parts = ["## Runs", "", format_markdown_table(self.summary_rows(), summary_columns, "{:.4f}"), "",
+                 *(f"Note: {note}\n" for note in self.notes),
                  f"## Per-class mAP (best {HIGHLIGHTED} of each class in bold)", "",
                  format_markdown_table(rows, class_columns)]
         table = self.correlation_table()
@@ -227,17 +237,24 @@ def compare_runs(paths: Sequence[str | Path], annotations: str | Path | None = "
     labels = tuple(run_labels(runs))
     per_class = per_class_map(runs, labels)
     predominance = resolve_annotations(annotations, runs[0])
+    finite_classes = [c for c, line in zip(per_class.index, per_class.values, strict=True) if np.isfinite(line).all()]
+    datasets = list(dict.fromkeys(str(run.summary.get("dataset", "?")) for run in runs))
+    notes: list[str] = []
+    if len(datasets) > 1:
+        notes.append(f"the runs are of {len(datasets)} different datasets ({', '.join(datasets)}): each column "
+                     f"holds its own run's classes, {len(finite_classes)} of {len(per_class.index)} are in every run")
     correlations: tuple[Correlation, ...] = ()
     if predominance is not None:
         scores = predominance.with_overall_difficulty()
-        finite_classes = [c for c, line in zip(per_class.index, per_class.values, strict=True) if np.isfinite(line).all()]
         try:
             correlations = tuple(correlate(scores, per_class.select(index=finite_classes), n_resamples, seed=seed))
         except DataError as error:  # `auto` correlates where the runs allow it (a debug run may hold one class)
-            if annotations != "auto":
+            if len(datasets) > 1:
+                notes.append(f"no correlation with the class annotations (those of {datasets[0]}): {error}")
+            elif annotations != "auto":
                 raise
-            log.info("no correlation with the image tags: %s", error)
-    return Comparison(labels, runs, per_class, predominance, correlations)
+            log.info("no correlation with the class annotations: %s", error)
+    return Comparison(labels, runs, per_class, predominance, correlations, tuple(notes))
 
 
 def _readable_runs(directories: Sequence[Path]) -> list[SavedRun]:

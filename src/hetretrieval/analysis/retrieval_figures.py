@@ -22,17 +22,23 @@ log = logging.getLogger(__name__)
 
 RELEVANT_COLOUR = (0.1, 0.7, 0.1)
 IRRELEVANT_COLOUR = (0.85, 0.1, 0.1)
+UNJUDGED_COLOUR = (0.6, 0.6, 0.6)  # no ground truth (a search of an unlabelled collection)
 
 
 @dataclass(frozen=True)
 class GridRow:
-    """One row of the grid: the query image, its class and AP, its top-k results and their relevance."""
+    """One row of the grid: the query image, its class and AP, its top-k results and their relevance.
+
+    Unlabelled searches (`hetretrieval-search`) leave `average_precision` and `relevant` None (grey borders)
+    and caption each result with `captions` (rank and score) instead of its rank.
+    """
 
     query_path: Path
     label: str
-    average_precision: float
+    average_precision: float | None
     result_paths: tuple[Path, ...]
-    relevant: tuple[bool, ...]
+    relevant: tuple[bool | None, ...]
+    captions: tuple[str, ...] | None = None
 
 
 def extreme_classes(per_class: Sequence[dict], n_classes: int) -> tuple[list[str], list[str]]:
@@ -83,9 +89,11 @@ def draw_grid(rows: Sequence[GridRow], path: str | Path, title: str | None = Non
     axes = figure.subplots(len(rows), n_columns, squeeze=False)
     unreadable = []
     for line, row in zip(axes, rows, strict=True):
-        cells = [(row.query_path, (0.1, 0.3, 0.9), f"{row.label}\nAP {row.average_precision:.2f}")]
-        cells += [(p, RELEVANT_COLOUR if ok else IRRELEVANT_COLOUR, f"#{rank}")
-                  for rank, (p, ok) in enumerate(zip(row.result_paths, row.relevant, strict=True), start=1)]
+        ap = "" if row.average_precision is None else f"\nAP {row.average_precision:.2f}"
+        cells = [(row.query_path, (0.1, 0.3, 0.9), f"{row.label}{ap}")]
+        captions = row.captions or tuple(f"#{rank}" for rank in range(1, len(row.result_paths) + 1))
+        cells += [(p, UNJUDGED_COLOUR if ok is None else RELEVANT_COLOUR if ok else IRRELEVANT_COLOUR, caption)
+                  for p, ok, caption in zip(row.result_paths, row.relevant, captions, strict=True)]
         for ax, (image_path, colour, caption) in zip(line, cells, strict=False):
             error = _show(ax, image_path, thumbnail)
             if error is not None:

@@ -23,7 +23,7 @@ from hetretrieval.analysis.correlation import (
     write_correlations_csv,
 )
 from hetretrieval.analysis.tables import format_table
-from hetretrieval.config import CONFIG_DIR, instantiate
+from hetretrieval.config import CONFIG_DIR, check_entry_point, instantiate
 from hetretrieval.errors import ConfigError, HetRetrievalError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ def sweep(cfg: DictConfig, output_dir: Path) -> dict[str, Path]:
     comparison = compare_runs(_runs(cfg), cfg.annotations, cfg.bootstrap_resamples, cfg.seed)
     paths = comparison.write(output_dir)
     print(format_table(comparison.summary_rows(), list(comparison.summary_rows()[0])))
+    for note in comparison.notes:
+        print(f"note: {note}")
     if comparison.correlations:
         print("\nPearson r of per-class mAP with predominance:")
         _print_table(comparison.correlation_table(), "{:+.2f}")
@@ -177,6 +179,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="analyze")
 def main(cfg: DictConfig) -> None:
     try:
+        check_entry_point(cfg, "hetretrieval-analyze")
         analyze(cfg)
     except HetRetrievalError as error:
         raise SystemExit(f"hetretrieval-analyze: {error}") from None

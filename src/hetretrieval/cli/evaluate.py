@@ -25,6 +25,7 @@ from hetretrieval.config import (
     CONFIG_DIR,
     EvaluationOptions,
     ExtractionOptions,
+    check_entry_point,
     compose_option,
     instantiate,
     typed,
@@ -113,7 +114,6 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
                          LocalSearchOptions, "local_search")
     verifier = instantiate(cfg.verification)
     dataset = instantiate(cfg.dataset)
-    source = ImageSource(options.max_size, options.max_pixels)
     whitening = {}
     if cfg.get("checkpoint"):  # a fine-tuned model from hetretrieval-train (backbone/pooling groups unused)
         if cfg.get("heads"):
@@ -140,6 +140,8 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
         rerank_name = f"rerank_{reranker.name}"
         local[rerank_name] = reranker
 
+    source = ImageSource(options.max_size, options.max_pixels, bucketing=options.bucketing,
+                         stride=int(getattr(backbone, "stride", 32)))
     aggregation = options.scale_aggregation
     network = RetrievalNetwork(backbone, global_heads, options.scales, whitening, aggregation) if global_heads else None
     plan = ImagePlan.scan(dataset.records, source)
@@ -150,7 +152,8 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
         engine.prepare(dataset, plan)
         engine.cpu()
 
-    store = DescriptorStore(Path(cfg.paths.cache_dir) / "descriptors" if cfg.get("cache", True) else None)
+    store = DescriptorStore(Path(cfg.paths.cache_dir) / "descriptors" if cfg.get("cache", True) else None,
+                            dtype=cfg.get("store", {}).get("dtype", "float32"))
     whitening_facts: dict = {}
     test_time = _whitening_options(cfg)
     if test_time is not None:
@@ -161,7 +164,8 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
                               f"pooling={', '.join(local)} has none")
         whitening, whitening_facts = _fit_test_time_whitening(cfg, test_time, dataset, backbone, global_heads,
                                                               options, source, store, device)
-    shared = extraction_fingerprint(dataset.records, source, backbone, options.scales, aggregation)
+    shared = extraction_fingerprint(dataset.records, source, backbone, options.scales, aggregation,
+                                    options.precision, options.channels_last)
     cache = CachedHeads(store, {name: store.key(shared, name, head, whitening.get(name))
                                 for name, head in {**global_heads, **local}.items()}, len(dataset))
     trainer = instantiate(cfg.trainer, logger=False) if cache.missing else None
@@ -181,7 +185,8 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
     engine = ExtractionEngine(RetrievalNetwork(backbone, missing, options.scales, whitening, aggregation)
                               if missing else None,
                               {n: h for n, h in local.items() if n in cache.missing},
-                              options.batch_size, options.num_workers)
+                              options.batch_size, options.num_workers, precision=options.precision,
+                              channels_last=options.channels_last, pin_memory=options.pin_memory)
     trainer.predict(ExtractionModule(engine, dataset.records, plan, on_extracted=run), return_predictions=False)
     return run.summaries or None
 
@@ -228,14 +233,17 @@ def _fit_test_time_whitening(cfg: DictConfig, whitening, dataset, backbone, head
     if shared_images:
         raise ConfigError(f"whitening.fit_on={whitening.fit_on} shares {shared_images} images with the evaluated "
                           f"queries: fit on other images (e.g. whitening.fit_options={{domains: [art_painting]}})")
-    shared = extraction_fingerprint(fit.records, source, backbone, options.scales, options.scale_aggregation)
+    shared = extraction_fingerprint(fit.records, source, backbone, options.scales, options.scale_aggregation,
+                                    options.precision, options.channels_last)
     cache = CachedHeads(store, {name: store.key(shared, name, head) for name, head in heads.items()}, len(fit))
     fresh = None
     if cache.missing:
         log.info("describing %d images of %s to fit %s-whitening", len(fit), fit.name, whitening.kind)
         network = RetrievalNetwork(backbone, {n: h for n, h in heads.items() if n in cache.missing}, options.scales,
                                    None, options.scale_aggregation)
-        engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers).to(device)
+        engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers,
+                                  precision=options.precision, channels_last=options.channels_last,
+                                  pin_memory=options.pin_memory).to(device)
         fresh = engine.extract(fit.records, source)
         engine.cpu()
     described = cache.complete(fresh)
@@ -284,6 +292,7 @@ def main(cfg: DictConfig) -> float | None:
     for message in (".*custom batch sampler.*", ".*predict returned None.*", ".*LeafSpec.*"):
         warnings.filterwarnings("ignore", message=message)
     try:
+        check_entry_point(cfg, "hetretrieval-eval")
         summary = evaluate(cfg)
     except HetRetrievalError as error:
         log.error("%s", error)  # the run's log file says why it stopped, too

@@ -22,6 +22,7 @@ from hetretrieval.config import (
     CONFIG_DIR,
     EvaluationOptions,
     ExtractionOptions,
+    check_entry_point,
     empty_dict_overrides,
     instantiate,
     typed,
@@ -155,6 +156,7 @@ def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("WANDB_SILENT", "true")
     empty_dict_overrides(cfg, HydraConfig.get().overrides.task)  # `test.datasets={}`: no test set at all
     try:
+        check_entry_point(cfg, "hetretrieval-train")
         report = train(cfg)
     except HetRetrievalError as error:
         raise SystemExit(f"hetretrieval: {error}") from None

@@ -87,7 +87,7 @@ def clip_box(height: int, width: int, box) -> tuple[int, int, int, int]:
 
 
 def load_image(path: str | Path, max_size: int | None = 800, box=None, *,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Read an image file as an RGB float tensor `(3, H, W)` in [0, 1], longer side at most `max_size`.
 
     EXIF orientation is applied. With `box (x1, y1, x2, y2)`, only that region (`clip_box`) is kept, before
@@ -95,6 +95,7 @@ def load_image(path: str | Path, max_size: int | None = 800, box=None, *,
     antialiasing, so a 4096² scan costs little more than an 800² one; with a box, only when the JPEG is stored
     upright, the reduced image then mapping the box exactly (a flipped axis would shift it by the padding of
     the last reduced pixel). A file of more than `max_pixels` pixels (header size; None: no limit) is refused.
+    `size (height, width)`, if given, replaces the max-side shape (aspect buckets: `extraction.bucketing`).
     """
     path = Path(path)
     try:
@@ -102,7 +103,7 @@ def load_image(path: str | Path, max_size: int | None = 800, box=None, *,
             _check_pixels(path, image, max_pixels)
             full = _oriented_size(image)
             left, top, right, bottom = clip_box(*full, box) if box is not None else (0, 0, full[1], full[0])
-            height, width = resized_shape(bottom - top, right - left, max_size)
+            height, width = size if size is not None else resized_shape(bottom - top, right - left, max_size)
             reduction = 1
             if image.format == "JPEG" and (box is None or image.getexif().get(0x0112, 1) == 1):
                 # the whole image at the size that keeps the region at least (height, width), in stored axes

@@ -23,9 +23,10 @@ REPORT_RESULTS = 5  # results shown per query in the report's best / worst class
 
 def write_report(run_dir: Path) -> dict[str, Path]:
     """Figure-4 grids of the best and worst classes, the per-class heatmap and, when the images carry variation
-    tags, their correlation with per-class mAP, under `report/`. The results are already saved: a failure here
-    is reported, never fatal."""
+    tags, their correlation with per-class mAP, under `report/`, and `report/index.html` showing them all
+    (`html`). The results are already saved: a failure here is reported, never fatal."""
     from hetretrieval.analysis.comparison import compare_runs
+    from hetretrieval.analysis.html_report import write_run_report
     from hetretrieval.analysis.retrieval_figures import best_and_worst_grids
 
     report_dir = run_dir / "report"
@@ -35,6 +36,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
             saved = np.load(run_dir / NEIGHBOURS, mmap_mode="r").shape[1]  # fewer than 5 in a tiny (debug) run
             paths = best_and_worst_grids(run_dir, report_dir, top_k=min(REPORT_RESULTS, saved))
             paths.update(compare_runs([run_dir], annotations="auto").write(report_dir))
+            paths["html"] = write_run_report(run_dir, paths)
     except Exception as error:  # noqa: BLE001 - reporting must not lose the evaluation just written
         log.warning("could not write the run report (%s: %s); results are saved", type(error).__name__, error)
         return {}

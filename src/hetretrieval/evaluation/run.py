@@ -26,7 +26,7 @@ from hetretrieval.evaluation.scoring import LocalScoring, Scored, score_global, 
 from hetretrieval.extraction.batching import ImageSource
 from hetretrieval.extraction.engine import Extraction, ExtractionEngine
 from hetretrieval.extraction.store import CachedHeads
-from hetretrieval.loggers import build_loggers, logged_run
+from hetretrieval.loggers import build_loggers, logged_run, task_overrides
 from hetretrieval.models.local.features import save_local_features
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class RunEvaluation:
                         "images_per_s": None if self._cached(head) else round(extraction.images_per_second, 2),
                         "search_and_metrics_s": round(time.perf_counter() - started, 3)},
             **scored.info, **(scored.revisited or {}),
+            "overrides": task_overrides(),  # what names the run among others (hetretrieval.loggers)
         }
         descriptors = extraction.descriptors.get(head.name, np.zeros((len(self.dataset), 0), np.float32))
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,11 +118,13 @@ class RunEvaluation:
 
     def log(self, head: HeadSpec, run_dir: Path, summary: Mapping, rows: Sequence[Mapping],
             report: Mapping[str, Path]) -> None:
-        """One logger set (one W&B run) per head, grouped under the parent run when there are several."""
+        """One logger set (one W&B run) per head, grouped under the parent run when there are several (in a
+        multirun: under the multirun, see `build_loggers`)."""
         several = len(self.heads) > 1
         name = f"{head.descriptor}-{self.dataset.name}"
         loggers = build_loggers(self.cfg, name, save_dir=str(run_dir) if several else None,
-                                group=self.output_dir.name if several else None)
+                                group=self.output_dir.name if several else None,
+                                head=head.descriptor if several else None)
         with logged_run(loggers):
             hyperparameters = OmegaConf.to_container(self.cfg, resolve=True)
             hyperparameters["pooling"] = dict(head.config)

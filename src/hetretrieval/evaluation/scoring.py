@@ -1,7 +1,8 @@
 """Score one descriptor of a run: one search, reused by every metric the dataset's protocol defines.
 
-Global descriptors are ranked by exact search, local features by votes and spatial verification; a global
-ranking may be re-ranked by local features. Whatever produced the ranking, it is scored once by
+Global descriptors are ranked by exact search (or, `evaluation.search: ivfpq | hnsw`, an exactly re-scored
+approximate short-list), local features by votes and spatial verification; a global ranking may be re-ranked by
+local features. Whatever produced the ranking, it is scored once by
 `evaluate_rankings` and, for Revisited Oxford/Paris, the very same ranking by the official Easy/Medium/Hard
 protocols: no second search, and the revisited scores exist for every descriptor kind.
 
@@ -30,11 +31,22 @@ from hetretrieval.index.local import (
     rerank_rankings,
     stack_descriptors,
 )
-from hetretrieval.index.search import RankingBatch, iter_rankings
+from hetretrieval.index.search import (
+    RankingBatch,
+    approximate_parameters,
+    approximate_rankings,
+    build_approximate_index,
+    iter_rankings,
+    on_gpus,
+    similarity_batches,
+)
 from hetretrieval.metrics.retrieval import (
+    FULL_RANKING_AP,
+    SHORTLIST_AP,
     Protocol,
     RetrievalResults,
     evaluate_rankings,
+    evaluate_similarities,
     metric_summary,
     search_protocol,
 )
@@ -65,10 +77,10 @@ class Scored:
 def score_global(descriptors: np.ndarray, valid: np.ndarray, dataset: RetrievalDataset,
                  options: EvaluationOptions, rerank: tuple[list[LocalFeatures | None], LocalScoring] | None = None
                  ) -> Scored:
-    """Exact search over `descriptors (N, D)` (after αQE / DBA when set; optionally re-ranked by local
+    """The `evaluation.search` over `descriptors (N, D)` (after αQE / DBA when set; optionally re-ranked by local
     features), then every metric."""
     protocol = search_protocol(dataset.query_ids, dataset.database_ids, valid)
-    queries, database = descriptors[protocol.query_ids], descriptors[protocol.database_ids]
+    queries, database = _rows(descriptors, protocol.query_ids), _rows(descriptors, protocol.database_ids)
     if not options.expands:
         return _search_and_score(queries, database, dataset, protocol, options, rerank)
     before = _search_and_score(queries, database, dataset, protocol, options, rerank)
@@ -83,18 +95,40 @@ def score_global(descriptors: np.ndarray, valid: np.ndarray, dataset: RetrievalD
     return scored
 
 
+def _rows(descriptors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`descriptors[ids]`, as a view (no copy of a memory-mapped store) when the ids are consecutive."""
+    if ids.size and np.all(np.diff(ids) == 1):
+        return descriptors[ids[0] : ids[-1] + 1]
+    return descriptors[ids]
+
+
 def _search_and_score(queries: np.ndarray, database: np.ndarray, dataset: RetrievalDataset, protocol: Protocol,
                       options: EvaluationOptions,
                       rerank: tuple[list[LocalFeatures | None], LocalScoring] | None) -> Scored:
-    rankings: Iterable[RankingBatch] = iter_rankings(queries, database, protocol.exclude, options.max_batch_entries)
-    info: dict = {}
+    """`evaluation.search`: exact (scored from the similarities alone, unless a re-ranking or the revisited
+    protocols need the rankings) or an approximate short-list; `info["search"]` says which, and how AP is read."""
+    truncated = options.search != "exact"
+    if not truncated:
+        info: dict = {"search": {"method": "exact", "ap_convention": FULL_RANKING_AP}}
+        if rerank is None and getattr(dataset, "ground_truth", None) is None:
+            batches = similarity_batches(queries, database, protocol.exclude, options.max_batch_entries)
+            return Scored(evaluate_similarities(batches, dataset.labels, protocol, options.ks, options.top_k), info)
+        rankings: Iterable[RankingBatch] = iter_rankings(queries, database, protocol.exclude,
+                                                         options.max_batch_entries)
+    else:
+        parameters = approximate_parameters(options, *database.shape)
+        index, device = on_gpus(build_approximate_index(database, parameters,
+                                                        max_batch_entries=options.max_batch_entries))
+        rankings = approximate_rankings(index, queries, database, parameters["shortlist"], protocol.exclude,
+                                        options.max_batch_entries)
+        info = {"search": {**parameters, "device": device, "ap_convention": SHORTLIST_AP}}
     if rerank is not None:
         features, scoring = rerank
         rankings = rerank_rankings(rankings, [features[i] for i in protocol.query_ids],
                                    [features[i] for i in protocol.database_ids], scoring.verifier,
                                    scoring.rerank_top_k, scoring.search.mutual, scoring.search.ratio)
         info["rerank_top_k"] = scoring.rerank_top_k
-    return _score(rankings, dataset, protocol, options, info)
+    return _score(rankings, dataset, protocol, options, info, truncated)
 
 
 def score_local(features: Sequence[LocalFeatures | None], valid: np.ndarray, dataset: RetrievalDataset,
@@ -120,10 +154,11 @@ def score_local(features: Sequence[LocalFeatures | None], valid: np.ndarray, dat
 
 
 def _score(rankings: Iterable[RankingBatch], dataset: RetrievalDataset, protocol: Protocol,
-           options: EvaluationOptions, info: dict) -> Scored:
+           options: EvaluationOptions, info: dict, truncated: bool = False) -> Scored:
     ground_truth = getattr(dataset, "ground_truth", None)
     kept: list[RankingBatch] | None = [] if ground_truth is not None else None
-    results = evaluate_rankings(_keep(rankings, kept), dataset.labels, protocol, options.ks, options.top_k)
+    results = evaluate_rankings(_keep(rankings, kept), dataset.labels, protocol, options.ks, options.top_k,
+                                truncated)
     revisited = None
     if kept is not None:
         revisited = _revisited_scores(kept, dataset, protocol, options.ks)

@@ -36,18 +36,48 @@ log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 
+BUCKETINGS = ("exact", "aspect")  # extraction.bucketing
+# short / long side ratios of the `aspect` buckets (square to 1:3), compared in log space
+ASPECT_RATIOS = (1.0, 4 / 5, 3 / 4, 2 / 3, 3 / 5, 9 / 16, 1 / 2, 2 / 5, 1 / 3)
+
+
+def aspect_shape(height: int, width: int, stride: int, top: int | None = None) -> tuple[int, int]:
+    """`(height, width)` -> the nearest `aspect` bucket shape, both sides multiples of `stride`.
+
+    The longer side goes to the nearest (in log scale) of the levels `top * 2**(-k/2)`, k = 0, 1, ... (`top`:
+    `max_size`, 4096 when None), each rounded to a multiple of `stride`; the shorter side to that length times
+    the nearest of `ASPECT_RATIOS`, rounded to a multiple of `stride` (at least one stride). So images capped at
+    `max_size` keep their longer side, and a mixed-size archive falls into a few shapes per aspect ratio.
+    `(512, 384), 32, 512 -> (512, 384)`; `(300, 512), 32, 512 -> (320, 512)` (ratio 3/5).
+    """
+    long, short = max(height, width), min(height, width)
+    top = 4096 if top is None else top
+    levels = {max(stride, stride * round(top * 2 ** (-k / 2) / stride)) for k in range(32)}
+    level = min(sorted(levels), key=lambda v: abs(math.log(v / long)))
+    ratio = min(ASPECT_RATIOS, key=lambda r: abs(math.log(r * long / short)))
+    side = max(stride, stride * round(level * ratio / stride))
+    return (level, side) if height >= width else (side, level)
+
 
 @dataclass(frozen=True)
 class ImageSource:
     """How a record becomes pixels: the longer side capped at `max_size` (never upscaled), or, with
     `crop_size`, the centre `crop_size` square of the image whose shorter side was resized to it (training and
-    mining). Files over `max_pixels` are refused unread (decompression bombs)."""
+    mining). Files over `max_pixels` are refused unread (decompression bombs). `bucketing="aspect"` then resizes
+    each image to its `aspect_shape` (sides multiples of the backbone's `stride`), so batches fill; `"exact"`
+    keeps every image's own shape."""
 
     max_size: int | None = 800
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     crop_size: int | None = None
+    bucketing: str = "exact"
+    stride: int = 32
 
     def __post_init__(self) -> None:
+        if self.bucketing not in BUCKETINGS:
+            raise ConfigError(f"bucketing must be one of {', '.join(BUCKETINGS)}, got {self.bucketing!r}")
+        if self.stride < 1:
+            raise ConfigError(f"stride must be >= 1, got {self.stride}")
         if self.max_size is not None and self.max_size < 16:
             raise ConfigError(f"max_size must be >= 16 pixels (or null for full size), got {self.max_size}")
         if self.crop_size is not None and self.crop_size < 16:
@@ -57,6 +87,8 @@ class ImageSource:
         """The `(height, width)` an image of that displayed size is described at."""
         if self.crop_size is not None:
             return self.crop_size, self.crop_size
+        if self.bucketing == "aspect":
+            return aspect_shape(*resized_shape(height, width, self.max_size), self.stride, self.max_size)
         return resized_shape(height, width, self.max_size)
 
     def decode_size(self, height: int, width: int) -> int | None:
@@ -129,8 +161,9 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         plan = self.plan
         try:
+            size = plan.shapes[index] if plan.source.bucketing == "aspect" and plan.source.crop_size is None else None
             image = load_image(self.paths[index], plan.decode_sizes[index], plan.boxes[index],
-                               max_pixels=plan.source.max_pixels)
+                               max_pixels=plan.source.max_pixels, size=size)
             if plan.source.crop_size is not None:
                 image = square_crop(image, plan.source.crop_size)
             return {"index": index, "image": image, "error": None}

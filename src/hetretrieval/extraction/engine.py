@@ -11,7 +11,9 @@ progress bar. Lightning may drive the loop (`ExtractionModule`, for accelerators
 from __future__ import annotations
 
 import logging
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 NOT_EXTRACTED = "not extracted (prediction stopped early: fast_dev_run or a batch limit)"
 LocalExtractor = Callable[[torch.Tensor], LocalFeatures]  # (3, H, W) in [0, 1] -> features (DELF, ORB)
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}  # extraction.precision -> autocast dtype
 
 
 @dataclass(frozen=True)
@@ -86,17 +89,24 @@ def default_device() -> torch.device:
 class ExtractionEngine(nn.Module):
     """`network` (backbone + global heads, may be None) and `local` extractors over batches of images.
 
-    `batch_size` images of one size per batch (`SizeBucketBatchSampler`); `num_workers` decoding processes,
-    which on CPU overlap decoding with the forward pass.
+    `batch_size` images of one size per batch (`SizeBucketBatchSampler`); `num_workers` decoding processes;
+    with none, `extract` decodes the next batches in a background thread (PIL releases the GIL), so decoding
+    overlaps the forward pass either way. `precision` "bf16" / "16" runs the network under autocast (on the CPU,
+    "16" falls back to bf16, said once in the log); `channels_last` lays the network and batches out NHWC;
+    `pin_memory` pins host batches when a CUDA device is present. At "32" without channels_last, descriptors
+    are those of the plain forward, bit for bit.
     """
 
     def __init__(self, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None = None,
-                 batch_size: int = 4, num_workers: int = 0, progress: bool = True) -> None:
+                 batch_size: int = 4, num_workers: int = 0, progress: bool = True, precision: str = "32",
+                 channels_last: bool = False, pin_memory: bool = True) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"extraction batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ConfigError(f"extraction num_workers must be >= 0, got {num_workers}")
+        if str(precision) not in PRECISIONS:
+            raise ConfigError(f"extraction precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if network is None and not local:
             raise ConfigError("nothing to extract: no global head and no local extractor")
         self.network = network
@@ -104,6 +114,10 @@ class ExtractionEngine(nn.Module):
         # extractors that are modules (DELF) move with the engine; ORB runs on the CPU
         self.local_modules = nn.ModuleDict({k: v for k, v in self.local.items() if isinstance(v, nn.Module)})
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.precision, self.channels_last, self.pin_memory = str(precision), channels_last, pin_memory
+        if channels_last and network is not None:
+            network.to(memory_format=torch.channels_last)
+        self._warned_fp16_on_cpu = False
 
     @property
     def head_names(self) -> list[str]:
@@ -120,7 +134,13 @@ class ExtractionEngine(nn.Module):
         sampler = SizeBucketBatchSampler(plan.shapes, self.batch_size, world_size, rank, ids)
         return DataLoader(ImageFileDataset(records, plan), batch_sampler=sampler, collate_fn=collate_same_size,
                           num_workers=self.num_workers, persistent_workers=False,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=self.pin_memory and torch.cuda.is_available())
+
+    def batches(self, records: Sequence[ImageRecord], plan: ImagePlan,
+                ids: Sequence[int] | None = None) -> Iterator[dict]:
+        """`loader`'s batches; without worker processes, decoded one or two batches ahead in a thread."""
+        loader = self.loader(records, plan, ids)
+        return iter(loader) if self.num_workers else _read_ahead(loader, depth=2)
 
     @torch.inference_mode()
     def describe_batch(self, batch: dict, views: Mapping[str, View] | None = None) -> dict:
@@ -128,6 +148,8 @@ class ExtractionEngine(nn.Module):
         "failed": [(index, reason)]}` (on the CPU); a view's heads are named `<view>/<head>`."""
         index = batch["index"].cpu().numpy()
         images = batch["images"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         output = {"index": index, "descriptors": {}, "local": {}, "failed": list(batch["failed"])}
         if not index.size:
             return output
@@ -154,10 +176,23 @@ class ExtractionEngine(nn.Module):
     def _describe(self, images: torch.Tensor, output: dict) -> None:
         """Every head's descriptors of `images` into `output["descriptors"]` / `output["local"]`."""
         if self.network is not None:
-            for name, d in self.network(images).items():
+            dtype = self._autocast_dtype(images.device)
+            with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                described = self.network(images)
+            for name, d in described.items():
                 output["descriptors"][name] = d.float().cpu().numpy()
         for name, extractor in self.local.items():
             output["local"][name] = [extractor(image) for image in images]
+
+    def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of `precision` on `device` (None: full precision)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is torch.float16 and device.type == "cpu":
+            if not self._warned_fp16_on_cpu:
+                log.warning("extraction.precision=16 is not supported on the CPU: using bf16 autocast instead")
+                self._warned_fp16_on_cpu = True
+            return torch.bfloat16
+        return dtype
 
     def collector(self, n_images: int, plan: ImagePlan, total: int | None = None) -> Collector:
         """Accumulates this rank's batches; `finish` gathers every rank's, in dataset order."""
@@ -173,7 +208,7 @@ class ExtractionEngine(nn.Module):
         modes = {module: module.training for module in self.modules()}
         self.eval()
         try:
-            for batch in self.loader(records, plan, ids):
+            for batch in self.batches(records, plan, ids):
                 collector.add(self.describe_batch(batch, views))
         finally:  # each module back to its own mode (frozen batch-norm layers stay frozen)
             for module, training in modes.items():
@@ -194,7 +229,7 @@ class ExtractionEngine(nn.Module):
             raise ConfigError("feature maps need a backbone")
         backbone = self.network.backbone.eval()
         with torch.inference_mode():
-            for batch in self.loader(records, plan, ids):
+            for batch in self.batches(records, plan, ids):
                 for reason in (reason for _, reason in batch["failed"]):
                     log.warning("skipping image: %s", reason)
                 if len(batch["index"]):
@@ -265,6 +300,42 @@ class Collector:
         log.info("described %d images in %.1f s (%.1f images/s)", int(valid.sum()), seconds,
                  extraction.images_per_second)
         return extraction
+
+
+def _read_ahead(batches, depth: int) -> Iterator:
+    """Iterate `batches` in a daemon thread, up to `depth` items ahead; its exceptions re-raised here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not put(item):
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(error)
+            return
+        put(done)
+
+    thread = threading.Thread(target=produce, name="hetretrieval-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # the consumer stopped (done, an error, or abandoned): let the producer end
+        stop.set()
+        thread.join()
 
 
 def _is_rank_zero() -> bool:

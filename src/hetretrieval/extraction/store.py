@@ -6,7 +6,9 @@ and state digest: GeM's p, NetVLAD's centroids, whitening), the backbone's `laye
 crop box). Any change is a miss. Entries are written to a temporary name and renamed, so a reader never sees
 half an entry; an entry that fails to load (truncated, corrupt: the zip's CRC-32 is checked on read) or
 disagrees with its key is reported, deleted and rebuilt.
-Entries hold arrays only (`allow_pickle=False`): nothing in them can name a callable.
+Entries hold arrays only (`allow_pickle=False`): nothing in them can name a callable. A global head's
+descriptors sit beside its entry as `<head>-<key>.descriptors.npy` in the store's dtype (float32, or float16 to
+halve disk and memory: part of the key), read back memory-mapped so no step loads the whole set.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from torch import nn
 
 from hetretrieval.data.datasets import ImageRecord
 from hetretrieval.data.images import CROP_KEY
+from hetretrieval.errors import ConfigError
 from hetretrieval.extraction.batching import ImageSource
 from hetretrieval.extraction.engine import Extraction
 from hetretrieval.models.local.features import LocalFeatures
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def module_digest(module: nn.Module | None) -> str | None:
@@ -76,26 +79,41 @@ def fingerprint(*parts) -> str:
 
 
 def extraction_fingerprint(records: Sequence[ImageRecord], source: ImageSource, backbone: nn.Module | None,
-                           scales: Sequence[float], scale_aggregation: str = "mean") -> str:
-    """The part of every head's key shared by one run: images, how they are read, the backbone (and the layer
-    that feeds the heads), how scales are combined."""
-    return fingerprint({"images": images_fingerprint(records), "source": asdict(source),
+                           scales: Sequence[float], scale_aggregation: str = "mean", precision: str = "32",
+                           channels_last: bool = False) -> str:
+    """The part of every head's key shared by one run: images, how they are read (aspect buckets and their
+    stride), the backbone (and the layer that feeds the heads), how scales are combined, the numerics
+    (`precision`, `channels_last`). Defaults that leave descriptors as they were add nothing, so earlier
+    entries stay valid."""
+    read = asdict(source)
+    if source.bucketing == "exact":
+        del read["bucketing"], read["stride"]
+    numerics = {key: value for key, value in (("precision", str(precision)), ("channels_last", channels_last))
+                if value not in ("32", False)}
+    return fingerprint({"images": images_fingerprint(records), "source": read,
                         "scales": [float(s) for s in scales], "scale_aggregation": scale_aggregation,
                         "backbone": getattr(backbone, "model_name", None), "layer": getattr(backbone, "layer", None),
-                        "weights": module_digest(backbone)})
+                        "weights": module_digest(backbone), **numerics})
 
 
 class DescriptorStore:
-    """Entries `<root>/<head>-<key>.npz`, one per (extraction fingerprint, head). `root=None` disables it."""
+    """Entries `<root>/<head>-<key>.npz` (+ `.descriptors.npy` for global heads), one per (extraction
+    fingerprint, head). `root=None` disables it; `dtype` (float32 | float16) is how descriptors are kept."""
 
-    def __init__(self, root: str | Path | None) -> None:
+    def __init__(self, root: str | Path | None, dtype: str = "float32") -> None:
+        if dtype not in ("float32", "float16"):
+            raise ConfigError(f"invalid config value at 'store.dtype': expected float32 or float16, got {dtype!r}")
         self.root = None if root is None else Path(root)
+        self.dtype = dtype
 
     def key(self, shared: str, head: str, component, whitening: nn.Module | None = None) -> str:
-        return fingerprint(shared, head, describe_component(component), module_digest(whitening))
+        return fingerprint(shared, head, describe_component(component), module_digest(whitening), self.dtype)
 
     def path(self, head: str, key: str) -> Path:
         return self.root / f"{head}-{key[:24]}.npz"
+
+    def descriptors_path(self, head: str, key: str) -> Path:
+        return self.root / f"{head}-{key[:24]}.descriptors.npy"
 
     def load(self, head: str, key: str, n_images: int) -> Extraction | None:
         """The stored extraction of one head, or None (absent, disabled, or broken: then reported and removed)."""
@@ -107,11 +125,17 @@ class DescriptorStore:
                 arrays = {name: entry[name] for name in entry.files}
             if str(arrays["key"]) != key or arrays["valid"].shape != (n_images,):
                 raise ValueError("the entry does not belong to this key")
+            if bool(arrays["global"]):
+                descriptors = np.load(self.descriptors_path(head, key), mmap_mode="r", allow_pickle=False)
+                if descriptors.shape[0] != n_images or descriptors.dtype != np.dtype(self.dtype):
+                    raise ValueError(f"descriptors {descriptors.dtype}{descriptors.shape} do not match the entry")
+                arrays["descriptors"] = descriptors
             return _unpack(head, arrays)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             log.warning("descriptor cache entry %s is unreadable (%s: %s): rebuilding it", path,
                         type(error).__name__, error)
             path.unlink(missing_ok=True)
+            self.descriptors_path(head, key).unlink(missing_ok=True)
             return None
 
     def save(self, head: str, key: str, extraction: Extraction) -> Path | None:
@@ -120,11 +144,16 @@ class DescriptorStore:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(head, key)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        files = [(path, lambda handle: np.savez(handle, **_pack(head, key, extraction)))]
+        if head in extraction.descriptors:  # written (and renamed) before the entry that vouches for it
+            files.insert(0, (self.descriptors_path(head, key),
+                             lambda handle: np.save(handle, extraction.descriptors[head].astype(self.dtype))))
         try:
-            with partial.open("wb") as handle:
-                np.savez(handle, **_pack(head, key, extraction))
-            os.replace(partial, path)
+            for target, write in files:
+                partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+                with partial.open("wb") as handle:
+                    write(handle)
+                os.replace(partial, target)
         except OSError as error:
             partial.unlink(missing_ok=True)
             log.warning("could not store descriptors in %s (%s): continuing without the cache", path, error)
@@ -136,9 +165,8 @@ def _pack(head: str, key: str, extraction: Extraction) -> dict[str, np.ndarray]:
     skipped_ids = np.array(list(extraction.skipped), dtype=np.int64)
     arrays = {"key": np.array(key), "valid": extraction.valid, "skipped_ids": skipped_ids,
               "skipped_reasons": np.array([extraction.skipped[i] for i in skipped_ids.tolist()], dtype=str),
-              "seconds": np.array(extraction.seconds)}
-    if head in extraction.descriptors:
-        arrays["descriptors"] = extraction.descriptors[head].astype(np.float32)
+              "seconds": np.array(extraction.seconds), "global": np.array(head in extraction.descriptors)}
+    if head in extraction.descriptors:  # the descriptors themselves: `DescriptorStore.descriptors_path`
         return arrays
     described = [f for f in extraction.local_features[head] if f is not None]
     counts = np.array([len(f) for f in described], dtype=np.int64)

@@ -4,13 +4,14 @@ The paper's local pipeline (DELF, ORB): every database local descriptor goes int
 by product quantisation (float descriptors; the memory-saving choice of Noh et al.) or kept as packed bits
 (binary ORB descriptors, exact Hamming search). A query's descriptors each vote for the database images of
 their nearest neighbours; the `shortlist` most-voted images are verified geometrically (tentative matches,
-then batched RANSAC) and ranked by inlier count, the paper's image score. The same verification re-ranks the
+then RANSAC) and ranked by inlier count, the paper's image score. The same verification re-ranks the
 top of any global ranking (`rerank_rankings`). Both produce `RankingBatch`es for the one evaluator,
 `hetretrieval.metrics.retrieval.evaluate_rankings`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ import torch
 from hetretrieval.errors import ConfigError
 from hetretrieval.index.search import RankingBatch
 from hetretrieval.models.local.features import LocalFeatures
-from hetretrieval.models.local.matching import match_features
+from hetretrieval.models.local.matching import match_features_to_many
 from hetretrieval.models.local.ransac import GeometricVerifier
 from hetretrieval.models.whitening import apply_whitening, fit_pca
 
@@ -128,11 +129,16 @@ def verify_pairs(
     pairs: Sequence[tuple[LocalFeatures, LocalFeatures]], verifier: GeometricVerifier, mutual: bool = True,
     ratio: float | None = None,
 ) -> np.ndarray:
-    """Inlier counts `(P,)` of image pairs: tentative matches, then batched RANSAC (`verifier`)."""
+    """Inlier counts `(P,)` of image pairs: tentative matches, then RANSAC (`verifier`, all pairs at once).
+
+    Consecutive pairs sharing their first image (a query and its shortlist) are matched in one call.
+    """
     correspondences = []
-    for a, b in pairs:
-        matches = match_features(a, b, mutual=mutual, ratio=ratio)
-        correspondences.append((a.keypoints[matches[:, 0]], b.keypoints[matches[:, 1]]))
+    for _, group in itertools.groupby(pairs, key=lambda pair: id(pair[0])):
+        group = list(group)
+        a, others = group[0][0], [b for _, b in group]
+        for b, matches in zip(others, match_features_to_many(a, others, mutual, ratio), strict=True):
+            correspondences.append((a.keypoints[matches[:, 0]], b.keypoints[matches[:, 1]]))
     if not correspondences:
         return np.zeros(0, dtype=np.int64)
     return np.array([mask.sum() for mask in verifier(correspondences)], dtype=np.int64)

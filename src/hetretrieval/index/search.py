@@ -1,25 +1,45 @@
-"""Exact nearest-neighbour search with faiss, streamed in query batches.
+"""Global-descriptor search: exact similarities in bounded blocks, full rankings, exact top-k, approximate short-lists.
 
-Evaluation needs the full ranking of the database for every query (AP must see every positive), but a dense
-`Q x N` similarity matrix does not fit in memory for large collections: `iter_rankings` yields the full ranking
-of one query batch at a time, sized so that a batch holds about `max_batch_entries` similarities.
+Evaluation needs every positive's rank (AP over the whole ranking), but a dense `Q x N` similarity matrix does not
+fit for large collections. `similarity_batches` yields the exact inner products of one query batch at a time,
+about `max_batch_entries` of them (at least one row of N), by a float32 GEMM (BLAS) over database blocks: a
+float32 array (a memory map too) is read in place, any other dtype (float16) is converted one block of about
+`max_batch_entries` values at a time, never whole. The query's own entry gets -inf before anything is sorted, so
+no second sort moves it. `iter_rankings` sorts each batch (stable: ties keep the lower database position first);
+`stable_top_k` gives the same first k without a full sort.
+
+`approximate_rankings` is the large-database search (`evaluation.search: ivfpq | hnsw`): a faiss IVF-PQ (on every
+GPU when faiss has any) or HNSW index proposes a short-list per query, which is re-scored exactly and sorted as
+the exact search would; the rankings are truncated to the short-list.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import torch
+
+from hetretrieval.errors import ConfigError
 
 if TYPE_CHECKING:
     import faiss  # imported where used: faiss stays out of import time
 
+log = logging.getLogger(__name__)
+
+APPROXIMATE_SEARCHES = ("ivfpq", "hnsw")
+
 
 @dataclass(frozen=True)
 class RankingBatch:
-    """Full rankings of a batch of queries: `positions (b, N)` into the database, `scores (b, N)` descending."""
+    """Rankings of a batch of queries: `positions (b, R)` into the database, `scores (b, R)` descending.
+
+    R is the database size N (a full ranking) except after an approximate search (the short-list).
+    """
 
     start: int
     positions: np.ndarray
@@ -35,26 +55,182 @@ def build_flat_index(database: np.ndarray) -> faiss.Index:
     return index
 
 
+def similarity_batches(
+    queries: np.ndarray, database: np.ndarray, exclude: np.ndarray | None = None,
+    max_batch_entries: int = 1 << 24,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(start, scores (b, N))`: the exact float32 inner products of queries `start .. start + b` with the
+    database `(N, D)`, `exclude[q]` (a database position, or -1) set to -inf. Each batch is a fresh array the
+    caller may overwrite.
+
+    A batch holds about `max_batch_entries` similarities, at least one row; a database that is not float32 is
+    converted block by block (see the module docstring).
+    """
+    n_database, dim = database.shape
+    batch = max(1, max_batch_entries // max(n_database, 1))
+    rows = n_database if database.dtype == np.float32 else max(1, max_batch_entries // max(dim, 1))
+    for start in range(0, queries.shape[0], batch):
+        block_queries = np.asarray(queries[start : start + batch], dtype=np.float32)
+        scores = np.empty((block_queries.shape[0], n_database), dtype=np.float32)
+        for first in range(0, n_database, rows):
+            block = np.asarray(database[first : first + rows], dtype=np.float32)
+            np.matmul(block_queries, block.T, out=scores[:, first : first + block.shape[0]])
+        if exclude is not None:
+            dropped = np.asarray(exclude[start : start + batch])
+            kept = np.flatnonzero(dropped >= 0)
+            scores[kept, dropped[kept]] = -np.inf
+        yield start, scores
+
+
 def iter_rankings(
     queries: np.ndarray, database: np.ndarray, exclude: np.ndarray | None = None,
     max_batch_entries: int = 1 << 24,
 ) -> Iterator[RankingBatch]:
     """Yield the full database ranking of each query batch: `(Q, D), (N, D) -> b x (N,)` per batch.
 
-    `exclude[q]` is a database position to drop from query q's ranking (the query itself), or -1. It is moved
-    to the end of the ranking with score -inf, so every row keeps length N and AP/P@k are unaffected.
-    Ties keep faiss's order (lower database position first); tie-aware metrics do not depend on it.
+    `exclude[q]` is a database position to drop from query q's ranking (the query itself), or -1: it scores
+    -inf, so it comes last and every row keeps length N (AP/P@k are unaffected). Ties keep the lower database
+    position first; tie-aware metrics do not depend on it.
     """
-    n_database = database.shape[0]
-    index = build_flat_index(database)
-    batch = max(1, max_batch_entries // max(n_database, 1))
-    for start in range(0, queries.shape[0], batch):
-        block = np.ascontiguousarray(queries[start : start + batch], dtype=np.float32)
-        scores, positions = index.search(block, n_database)
+    for start, scores in similarity_batches(queries, database, exclude, max_batch_entries):
+        positions = np.argsort(-scores, axis=1, kind="stable")
+        yield RankingBatch(start, positions, np.take_along_axis(scores, positions, axis=1))
+
+
+def stable_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `k` entries of the stable descending ranking of each row, without sorting the rows:
+    `(b, N) -> positions (b, k'), scores (b, k')`, `k' = min(k, N)`; ties keep the lower position first."""
+    n_database = scores.shape[1]
+    k = min(k, n_database)
+    if k < n_database:  # torch's top-k holds (b, k), not the (b, N) indices of a partition
+        values, positions = (t.numpy() for t in torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False))
+        # rows where ties straddle the cut: the partition may have kept any of the tied entries
+        for row in np.flatnonzero(np.count_nonzero(scores >= values.min(axis=1)[:, None], axis=1) > k):
+            positions[row] = np.argsort(-scores[row], kind="stable")[:k]
+            values[row] = scores[row, positions[row]]
+    else:
+        positions = np.broadcast_to(np.arange(n_database), scores.shape)
+        values = scores
+    order = np.lexsort((positions, -values), axis=1)
+    return np.take_along_axis(positions, order, axis=1), np.take_along_axis(values, order, axis=1)
+
+
+class ApproximateSearch(Protocol):
+    """What `approximate_rankings` needs (`hetretrieval.config.EvaluationOptions` has it); None: the default
+    for the database size (`approximate_parameters`)."""
+
+    search: str
+    shortlist: int
+    ivf_lists: int | None
+    pq_m: int | None
+    nprobe: int | None
+    hnsw_m: int
+    ef_search: int | None
+
+
+def approximate_parameters(options: ApproximateSearch, n_database: int, dim: int) -> dict:
+    """The index parameters for a `(n_database, dim)` database: the options, defaults filled in.
+
+    ivfpq: `ivf_lists` min(4 sqrt(N), N / 39) (faiss asks ~39 training vectors a list), `pq_m` the largest
+    divisor of D up to D / 8 (code bytes a vector), `pq_bits` 8 from 10k vectors (fewer below, as the local
+    PQ index), `nprobe` ivf_lists / 64, at least 16 (at most every list); hnsw: `ef_search` 2 x the short-list,
+    never below it (it bounds how many results come back).
+    """
+    shortlist = min(options.shortlist, n_database)
+    if options.search == "hnsw":
+        return {"method": "hnsw", "shortlist": shortlist, "hnsw_m": options.hnsw_m,
+                "ef_search": max(options.ef_search or 2 * shortlist, shortlist + 1)}
+    lists = options.ivf_lists or max(1, min(round(4 * math.sqrt(n_database)), n_database // 39))
+    pq_m = options.pq_m or max(m for m in range(1, max(dim // 8, 1) + 1) if dim % m == 0)
+    if dim % pq_m:
+        raise ConfigError(f"evaluation.pq_m={pq_m} must divide the descriptor dimension {dim}")
+    if lists > n_database:
+        raise ConfigError(f"evaluation.ivf_lists={lists} exceeds the database size {n_database}")
+    return {"method": "ivfpq", "shortlist": shortlist, "ivf_lists": lists, "pq_m": pq_m,
+            "pq_bits": min(8, max(1, int(np.log2(max(n_database, 1) / 39)))),
+            "nprobe": min(options.nprobe or max(16, lists // 64), lists)}
+
+
+def build_approximate_index(database: np.ndarray, parameters: dict, seed: int = 0,
+                            max_batch_entries: int = 1 << 24) -> faiss.Index:
+    """The trained and filled (CPU) faiss index of `approximate_parameters` over `database (N, D)`.
+
+    IVF-PQ trains on a seeded sample of 39 vectors (faiss's minimum) a list or a PQ centroid, whichever needs
+    more; vectors are added in float32 blocks.
+    """
+    import faiss
+
+    n_database, dim = database.shape
+    if parameters["method"] == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, parameters["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, 2 * parameters["hnsw_m"])
+        index.hnsw.efSearch = parameters["ef_search"]
+    else:
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, parameters["ivf_lists"], parameters["pq_m"],
+                                 parameters["pq_bits"], faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = index.pq.cp.seed = seed
+        size = 39 * max(parameters["ivf_lists"], 2 ** parameters["pq_bits"])
+        sample = np.sort(np.random.default_rng(seed).permutation(n_database)[:size])
+        index.train(np.ascontiguousarray(database[sample], dtype=np.float32))
+        index.nprobe = parameters["nprobe"]
+    rows = max(1, max_batch_entries // max(dim, 1))
+    for start in range(0, n_database, rows):
+        index.add(np.ascontiguousarray(database[start : start + rows], dtype=np.float32))
+    return index
+
+
+def on_gpus(index: faiss.Index) -> tuple[faiss.Index, str]:
+    """The index on every GPU when faiss has any and can move it (IVF-PQ), else itself: `(index, "gpu" | "cpu")`."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIVFPQ) and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+        try:
+            return faiss.index_cpu_to_all_gpus(index), "gpu"
+        except RuntimeError as error:  # e.g. a pq_m the GPU kernels lack: the CPU index still answers
+            log.warning("the IVF-PQ index stays on the CPU: %s", str(error).splitlines()[0])
+    return index, "cpu"
+
+
+def approximate_rankings(
+    index: faiss.Index, queries: np.ndarray, database: np.ndarray, shortlist: int,
+    exclude: np.ndarray | None = None, max_batch_entries: int = 1 << 24,
+) -> Iterator[RankingBatch]:
+    """Short-list rankings `b x (min(shortlist, N),)` per batch: queries `(Q, D)` searched in `index` (built over
+    `database (N, D)`), the candidates re-scored exactly and ranked as `iter_rankings` ranks them.
+
+    `exclude[q]` (or -1) is never in the list, unless the list covers the database: then last, at -inf. Where
+    the index returns fewer candidates than asked, unretrieved positions complete the list at -inf.
+    """
+    n_database, dim = database.shape
+    width = min(shortlist, n_database)
+    wanted = min(width + (exclude is not None), n_database)
+    search_batch = max(1, max_batch_entries // wanted)
+    rescore_batch = max(1, max_batch_entries // (wanted * max(dim, 1)))
+    for start in range(0, queries.shape[0], search_batch):
+        block = np.ascontiguousarray(queries[start : start + search_batch], dtype=np.float32)
+        candidates, missing = _completed(index.search(block, wanted)[1])
+        order = np.argsort(candidates, axis=1, kind="stable")  # ascending: ties keep the lower position first
+        candidates, missing = np.take_along_axis(candidates, order, 1), np.take_along_axis(missing, order, 1)
+        scores = np.empty(candidates.shape, dtype=np.float32)
+        for first in range(0, block.shape[0], rescore_batch):
+            rows = slice(first, first + rescore_batch)
+            vectors = np.asarray(database[candidates[rows].ravel()], dtype=np.float32)
+            scores[rows] = np.matmul(vectors.reshape(*candidates[rows].shape, dim), block[rows, :, None])[:, :, 0]
+        dropped = missing
         if exclude is not None:
-            dropped = positions == exclude[start : start + batch, None]
-            order = np.argsort(dropped, axis=1, kind="stable")
-            positions = np.take_along_axis(positions, order, axis=1)
-            scores = np.where(np.take_along_axis(dropped, order, axis=1), -np.inf,
-                              np.take_along_axis(scores, order, axis=1))
-        yield RankingBatch(start, positions, scores)
+            dropped = missing | (candidates == np.asarray(exclude[start : start + search_batch])[:, None])
+        scores[dropped] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+        yield RankingBatch(start, np.take_along_axis(candidates, order, axis=1),
+                           np.take_along_axis(scores, order, axis=1))
+
+
+def _completed(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's candidates `(b, k)` with each -1 (fewer results than asked) replaced by the lowest position
+    missing from its row, and the mask of those replacements."""
+    missing = candidates < 0
+    for row in np.flatnonzero(missing.any(axis=1)):
+        found = candidates[row][~missing[row]]
+        candidates[row, missing[row]] = np.setdiff1d(np.arange(candidates.shape[1] + found.size), found)[
+            : int(missing[row].sum())]
+    return candidates, missing

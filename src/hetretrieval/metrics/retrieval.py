@@ -1,7 +1,8 @@
 """Evaluate a dataset's protocol: score every query's full ranking, summarise.
 
-One evaluator (`evaluate_rankings`) for every ranking producer: the global faiss search (`evaluate_retrieval`),
-local-feature search with spatial verification and re-ranking (`hetretrieval.index.local`).
+One evaluator (`evaluate_rankings`) for every ranking producer: exact or approximate global search, local-feature
+search with spatial verification and re-ranking (`hetretrieval.index.local`). The exact global search is also
+scored without sorting (`evaluate_similarities`, what `evaluate_retrieval` uses): same metrics, same ties.
 """
 
 from __future__ import annotations
@@ -12,8 +13,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetretrieval.index.search import RankingBatch, iter_rankings
-from hetretrieval.metrics.ap import average_precision, mean_by_group, precision_at_k, recall_at_k
+from hetretrieval.index.search import RankingBatch, similarity_batches, stable_top_k
+from hetretrieval.metrics.ap import (
+    average_precision,
+    average_precision_of_positives,
+    mean_by_group,
+    precision_at_k,
+    recall_at_k,
+)
+
+FULL_RANKING_AP = "full ranking: every positive is ranked; tied scores credited together"
+SHORTLIST_AP = ("AP over each query's short-list (exactly re-scored, ties credited together): a positive outside "
+                "it counts as not retrieved (precision 0), AP and R@k dividing by all the query's positives, as "
+                "short-list evaluations of large databases (e.g. Revisited Oxford/Paris +1M) do")
 
 
 @dataclass
@@ -88,42 +100,107 @@ def search_protocol(query_ids: np.ndarray, database_ids: np.ndarray, valid: np.n
     return Protocol(query_ids, database_ids, position_in_database[query_ids])
 
 
+class _Collector:
+    """The per-query arrays of `RetrievalResults`, filled batch by batch by either evaluator."""
+
+    def __init__(self, labels: Sequence[str | None], protocol: Protocol, ks: Sequence[int], top_k: int) -> None:
+        self.labels, self.protocol, self.ks = labels, protocol, ks
+        codes = label_codes(labels)
+        self.query_codes, self.database_codes = codes[protocol.query_ids], codes[protocol.database_ids]
+        n_queries, self.top_k = protocol.query_ids.size, min(top_k, protocol.database_ids.size)
+        self.ap = np.full(n_queries, np.nan)
+        self.n_positives = np.zeros(n_queries, dtype=np.int64)
+        self.precision = {k: np.zeros(n_queries) for k in ks}
+        self.recall = {k: np.zeros(n_queries) for k in ks}
+        self.neighbours = np.zeros((n_queries, self.top_k), dtype=np.int64)
+        self.neighbour_scores = np.zeros((n_queries, self.top_k), dtype=np.float32)
+        self.by_class = np.argsort(self.database_codes, kind="stable")  # database positions grouped by class
+        sorted_codes = self.database_codes[self.by_class]
+        classes = np.arange(codes.max(initial=-1) + 1)  # code -1 (unlabelled) reads the trailing empty class
+        self.class_start = np.append(np.searchsorted(sorted_codes, classes, side="left"), 0)
+        self.class_size = np.append(np.searchsorted(sorted_codes, classes, side="right"), 0) - self.class_start
+
+    def relevance(self, rows: slice, positions: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Whether each ranked entry `(b, R)` is a positive of its query: same label, not dropped (-inf)."""
+        query_codes = self.query_codes[rows, None]
+        return (self.database_codes[positions] == query_codes) & (query_codes >= 0) & np.isfinite(scores)
+
+    def positives(self, rows: slice) -> np.ndarray:
+        """Database positions of the positives of queries `rows`: `(b, P)`, -1 pads (the query's own entry
+        included: it scores -inf)."""
+        codes = self.query_codes[rows]
+        sizes = self.class_size[codes]
+        slots = np.arange(sizes.max(initial=0))
+        inside = slots[None, :] < sizes[:, None]
+        return np.where(inside, self.by_class[np.where(inside, self.class_start[codes][:, None] + slots, 0)], -1)
+
+    def database_positives(self, rows: slice) -> np.ndarray:
+        """How many positives each query of `rows` has in the whole database, its own entry left out: `(b,)`."""
+        codes, exclude = self.query_codes[rows], self.protocol.exclude[rows]
+        own = (exclude >= 0) & (codes >= 0) & (self.database_codes[np.maximum(exclude, 0)] == codes)
+        return self.class_size[codes] - own
+
+    def add(self, rows: slice, ap: np.ndarray, n_positives: np.ndarray, relevance: np.ndarray,
+            positions: np.ndarray, scores: np.ndarray) -> None:
+        """Store the metrics of queries `rows` from the first entries of their rankings: `relevance`,
+        `positions`, `scores (b, R)`, R at least `top_k` and every k (or the database size)."""
+        self.ap[rows], self.n_positives[rows] = ap, n_positives
+        for k in self.ks:
+            self.precision[k][rows] = precision_at_k(relevance, k)
+            self.recall[k][rows] = recall_at_k(relevance, k, n_positives)
+        self.neighbours[rows] = self.protocol.database_ids[positions[:, : self.top_k]]
+        self.neighbour_scores[rows] = scores[:, : self.top_k]
+
+    def results(self) -> RetrievalResults:
+        query_ids = self.protocol.query_ids
+        query_labels = [self.labels[i] for i in query_ids]
+        return RetrievalResults(query_ids, self.protocol.database_ids, self.ap, self.n_positives, self.precision,
+                                self.recall, self.neighbours, self.neighbour_scores,
+                                mean_by_group(self.ap, query_labels))
+
+
 def evaluate_rankings(
     rankings: Iterable[RankingBatch], labels: Sequence[str | None], protocol: Protocol,
-    ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
+    ks: Sequence[int] = (1, 5, 10), top_k: int = 100, truncated: bool = False,
 ) -> RetrievalResults:
-    """AP, P@k, R@k and per-class mAP from full rankings produced by any search (global or local).
+    """AP, P@k, R@k and per-class mAP from rankings produced by any search (global or local).
 
-    Each `RankingBatch` holds the full database ranking `(b, N)` of queries `start .. start + b` of
+    Each `RankingBatch` holds the database ranking `(b, R)` of queries `start .. start + b` of
     `protocol.query_ids` (positions into `protocol.database_ids`, scores descending, -inf for a dropped
-    entry); batches may come in any order but must cover every query once.
+    entry); batches may come in any order but must cover every query once. Rankings are full (R = N), or
+    `truncated` short-lists (R at least `top_k` and every k): then a positive outside the list counts as not
+    retrieved, AP and R@k dividing by all the query's positives in the database.
     """
-    query_ids, database_ids = protocol.query_ids, protocol.database_ids
-    codes = label_codes(labels)
-    database_codes = codes[database_ids]
-    n_queries, top_k = query_ids.size, min(top_k, database_ids.size)
-    ap = np.full(n_queries, np.nan)
-    n_positives = np.zeros(n_queries, dtype=np.int64)
-    precision = {k: np.zeros(n_queries) for k in ks}
-    recall = {k: np.zeros(n_queries) for k in ks}
-    neighbours = np.zeros((n_queries, top_k), dtype=np.int64)
-    neighbour_scores = np.zeros((n_queries, top_k), dtype=np.float32)
+    collector = _Collector(labels, protocol, ks, top_k)
     for batch in rankings:
         rows = slice(batch.start, batch.start + batch.positions.shape[0])
-        query_codes = codes[query_ids[rows]]
-        same_class = (database_codes[batch.positions] == query_codes[:, None]) & (query_codes[:, None] >= 0)
-        relevance = same_class & np.isfinite(batch.scores)  # an unlabelled query (-1) has no positive
-        n_positives[rows] = relevance.sum(axis=1)
-        ap[rows] = average_precision(relevance, batch.scores)
-        for k in ks:
-            precision[k][rows] = precision_at_k(relevance, k)
-            recall[k][rows] = recall_at_k(relevance, k, n_positives[rows])
-        neighbours[rows] = database_ids[batch.positions[:, :top_k]]
-        neighbour_scores[rows] = batch.scores[:, :top_k]
+        relevance = collector.relevance(rows, batch.positions, batch.scores)
+        n_positives = collector.database_positives(rows) if truncated else relevance.sum(axis=1)
+        collector.add(rows, average_precision(relevance, batch.scores, n_positives), n_positives, relevance,
+                      batch.positions, batch.scores)
+    return collector.results()
 
-    query_labels = [labels[i] for i in query_ids]
-    return RetrievalResults(query_ids, database_ids, ap, n_positives, precision, recall, neighbours,
-                            neighbour_scores, mean_by_group(ap, query_labels))
+
+def evaluate_similarities(
+    batches: Iterable[tuple[int, np.ndarray]], labels: Sequence[str | None], protocol: Protocol,
+    ks: Sequence[int] = (1, 5, 10), top_k: int = 100,
+) -> RetrievalResults:
+    """`evaluate_rankings` of the exact full rankings, straight from similarity batches (`similarity_batches`:
+    `(start, scores (b, N))`, -inf for a dropped entry), with no argsort: P@k, R@k and the neighbours from the
+    stable top-k, then AP from the positives' ranks in the same block, sorted in place
+    (`average_precision_of_positives`)."""
+    collector = _Collector(labels, protocol, ks, top_k)
+    width = max(top_k, *ks)
+    for start, scores in batches:
+        rows = slice(start, start + scores.shape[0])
+        positions, values = stable_top_k(scores, width)
+        positives = collector.positives(rows)
+        positive_scores = np.where(positives >= 0, np.take_along_axis(scores, np.maximum(positives, 0), 1), -np.inf)
+        relevance = collector.relevance(rows, positions, values)
+        scores.sort(axis=1)
+        ap = average_precision_of_positives(scores, positive_scores)
+        collector.add(rows, ap, np.isfinite(positive_scores).sum(axis=1), relevance, positions, values)
+    return collector.results()
 
 
 def evaluate_retrieval(
@@ -139,9 +216,9 @@ def evaluate_retrieval(
     """
     valid = np.ones(len(labels), dtype=bool) if valid is None else valid
     protocol = search_protocol(query_ids, database_ids, valid)
-    rankings = iter_rankings(descriptors[protocol.query_ids], descriptors[protocol.database_ids],
-                             exclude=protocol.exclude, max_batch_entries=max_batch_entries)
-    return evaluate_rankings(rankings, labels, protocol, ks, top_k)
+    batches = similarity_batches(descriptors[protocol.query_ids], descriptors[protocol.database_ids],
+                                 exclude=protocol.exclude, max_batch_entries=max_batch_entries)
+    return evaluate_similarities(batches, labels, protocol, ks, top_k)
 
 
 def _finite_or_none(value: float | None) -> float | None:

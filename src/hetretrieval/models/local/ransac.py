@@ -1,13 +1,20 @@
 """Geometric verification by RANSAC: a pair scores the inlier count of its best affine / homography model.
 
 Two implementations of one estimator (sample minimal sets, fit, count correspondences whose transfer error
-`||model(src) - dst||` is within `threshold` pixels, keep the model with most inliers):
+`||model(src) - dst||` is within `threshold` pixels, keep the model with most inliers, stop a pair once
+`confidence` is reached: `N = log(1 - confidence) / log(1 - w^s)` iterations, `w` its best inlier ratio so far,
+`s` the minimal sample size, at most `iterations`):
 
 - `ransac_batched` (torch): many pairs at once. Correspondence sets are padded to a common `M` with a validity
-  mask; all `B x iterations` minimal samples are drawn, solved and scored as batched tensor ops; the best
-  model can be refit by least squares on its inliers. Fixed iteration count, fixed seed: deterministic.
-The tests and `benchmarks/ransac_throughput.py` compare it with OpenCV's `cv2.estimateAffine2D` /
-`cv2.findHomography` (`tests/opencv_reference.py`).
+  mask; minimal samples are drawn up front (fixed seed: deterministic), then solved and scored as batched
+  tensor ops, a chunk of hypotheses at a time; after each chunk, pairs that reached their `N` leave the batch.
+- `ransac_opencv`: OpenCV's `cv2.estimateAffine2D` / `cv2.findHomography` on one pair (its own fixed seed).
+Either way the best model can then be refit by least squares on its inliers (`refine_models`).
+
+`GeometricVerifier(backend="auto")` picks per model the faster one, as measured by
+`benchmarks/ransac_throughput.py` on CPU: OpenCV for `affine` (its 3-point fits are cheap per pair, and
+the batched path scores far more hypotheses per second only on a GPU), batched torch for `homography`
+(OpenCV's per-iteration homography solve is the slow step); on a CUDA device, always batched.
 
 Degenerate minimal samples (collinear points; for a homography, inconsistent orientations) are skipped; a pair
 with no other sample (too few or only collinear correspondences) gets 0 inliers and an all-zero model, never
@@ -26,19 +33,45 @@ import torch
 from hetretrieval.errors import ConfigError
 
 MINIMAL_SAMPLE_SIZE = {"affine": 3, "homography": 4}
+BACKENDS = ("auto", "batched", "opencv")
+# The faster backend on CPU per model (benchmarks/ransac_throughput.py); any CUDA device runs batched.
+CPU_BACKEND = {"affine": "opencv", "homography": "batched"}
 # Triangles of a 4-point sample whose orientations a valid homography preserves (all) or reverses (all).
 _HOMOGRAPHY_TRIANGLES = ((0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 3))
 # |sin| of a sample triangle's angle below which its points count as collinear.
 _COLLINEAR_SINE = 1e-5
 # Elements of one (pairs, hypotheses, correspondences) intermediate when scoring hypotheses: bounds memory.
 _SCORING_CHUNK_ELEMENTS = 1 << 22
+# Hypotheses per pair scored between two termination checks (the granularity of early stopping).
+_HYPOTHESES_PER_CHECK = 64
 
 
-def _check_config(model: str, threshold: float, iterations: int) -> None:
+def _check_config(model: str, threshold: float, iterations: int, confidence: float = 1.0) -> None:
     if model not in MINIMAL_SAMPLE_SIZE:
         raise ConfigError(f"unknown geometric model '{model}', expected one of {sorted(MINIMAL_SAMPLE_SIZE)}")
     if threshold <= 0 or iterations < 1:
         raise ConfigError(f"RANSAC needs threshold > 0 and iterations >= 1, got {threshold} and {iterations}")
+    if not 0 < confidence <= 1:
+        raise ConfigError(f"RANSAC needs 0 < confidence <= 1, got {confidence}")
+
+
+def required_iterations(
+    best_counts: torch.Tensor, counts: torch.Tensor, size: int, confidence: float, iterations: int
+) -> torch.Tensor:
+    """Iterations a pair needs, `(B,)` best inlier counts and `(B,)` correspondence counts -> `(B,)` int64.
+
+    OpenCV's `RANSACUpdateNumIters`: `round(log(1 - confidence) / log(1 - w^size))` with `w` the inlier ratio,
+    `iterations` when that is larger or undefined (`w = 0`), 0 when `w = 1`; `confidence = 1`: `iterations`.
+    """
+    if confidence >= 1:
+        return torch.full_like(counts, iterations, dtype=torch.int64)
+    ratio = best_counts.clamp_min(0).double() / counts.clamp_min(1).double()
+    denominator = 1 - ratio.clamp(0, 1) ** size
+    numerator = math.log(1 - confidence)
+    log_denominator = denominator.clamp_min(torch.finfo(torch.float64).tiny).log()
+    full = (log_denominator >= 0) | (-numerator >= iterations * -log_denominator)
+    needed = torch.where(full, float(iterations), (numerator / log_denominator).round())
+    return torch.where(denominator < torch.finfo(torch.float64).tiny, 0.0, needed).long()
 
 
 def _normalise(
@@ -164,15 +197,51 @@ def _sample_without_replacement(
 
 @dataclass(frozen=True)
 class RansacResult:
-    """RANSAC over `B` pairs: `inliers` `(B, M)` bool, `models` `(B, 3, 3)` float64 from src to dst pixels."""
+    """RANSAC over `B` pairs: `inliers` `(B, M)` bool, `models` `(B, 3, 3)` float64 from src to dst pixels;
+    `drawn` `(B,)` int64, the minimal samples each pair drew before it stopped (None when not counted)."""
 
     inliers: torch.Tensor
     models: torch.Tensor
+    drawn: torch.Tensor | None = None
 
     @property
     def num_inliers(self) -> torch.Tensor:
         """`(B,)` int64: the verification score of each pair."""
         return self.inliers.sum(-1)
+
+
+def _score(
+    models: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """`(B, H, 3, 3)` models, `(B, M, 2)` src / dst, `(B, M)` validity -> `(B, H, M)` inlier masks.
+
+    Scored in float32, as OpenCV does.
+    """
+    error = transfer_error(models.float(), src.float().unsqueeze(1), dst.float().unsqueeze(1))
+    return (error <= threshold**2) & valid.unsqueeze(1)
+
+
+def refine_models(
+    src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor, result: RansacResult, model: str, threshold: float
+) -> RansacResult:
+    """Refit each pair's model by weighted least squares on its inliers; keep the refit if no fewer inliers.
+
+    `(B, M, 2)` src / dst pixels, `(B, M)` validity; pairs without inliers keep their result.
+    """
+    fit = fit_affine if model == "affine" else fit_homography
+    src, dst = src.to(torch.float64), dst.to(torch.float64)
+    found = result.inliers.any(-1)
+    refit = torch.zeros_like(result.models)
+    refit[found] = fit(src[found], dst[found], result.inliers[found].to(torch.float64))
+    refit_inliers = _score(refit.unsqueeze(1), src, dst, valid, threshold).squeeze(1)
+    better = (
+        found & refit.isfinite().flatten(-2).all(-1) & (refit_inliers.sum(-1) >= result.inliers.sum(-1))
+    )
+    return RansacResult(
+        inliers=torch.where(better.unsqueeze(-1), refit_inliers, result.inliers),
+        models=torch.where(better.view(-1, 1, 1), refit, result.models),
+        drawn=result.drawn,
+    )
 
 
 def ransac_batched(
@@ -184,88 +253,114 @@ def ransac_batched(
     iterations: int = 1000,
     seed: int = 0,
     refine: bool = True,
+    confidence: float = 1.0,
 ) -> RansacResult:
     """RANSAC on `B` padded correspondence sets `(B, M, 2)`, `(B, M, 2)` pixels and `(B, M)` bool validity.
 
-    Each pair draws `iterations` minimal samples (3 points for `affine`, 4 for `homography`) among its valid
-    correspondences; a correspondence is an inlier when its transfer error is at most `threshold` pixels. With
-    `refine`, the best model is refit on its inliers (weighted least squares), kept if no fewer inliers.
+    Each pair draws up to `iterations` minimal samples (3 points for `affine`, 4 for `homography`) among its
+    valid correspondences, and stops once it has drawn `required_iterations` for its best model so far
+    (checked every `_HYPOTHESES_PER_CHECK` samples; `confidence = 1`: all `iterations`); a correspondence is
+    an inlier when its transfer error is at most `threshold` pixels. With `refine`, `refine_models`.
     """
-    _check_config(model, threshold, iterations)
+    _check_config(model, threshold, iterations, confidence)
     fit = fit_affine if model == "affine" else fit_homography
     size = MINIMAL_SAMPLE_SIZE[model]
     num_pairs, num_points = valid.shape
     src, dst = src.to(torch.float64), dst.to(torch.float64)
-    src_32, dst_32 = src.float().unsqueeze(1), dst.float().unsqueeze(1)
-    squared_threshold = threshold**2
     counts = valid.sum(-1)
     if num_points == 0:
-        return RansacResult(inliers=valid.clone(), models=src.new_zeros(num_pairs, 3, 3))
-
-    def score(models: torch.Tensor) -> torch.Tensor:
-        """`(B, H, 3, 3)` -> `(B, H, M)` inlier masks (scored in float32, as OpenCV does)."""
-        return (transfer_error(models.float(), src_32, dst_32) <= squared_threshold) & valid.unsqueeze(1)
+        return RansacResult(valid.clone(), src.new_zeros(num_pairs, 3, 3), counts.new_zeros(num_pairs))
 
     generator = torch.Generator().manual_seed(seed)
     ranks = _sample_without_replacement(counts, iterations, size, generator).clamp_max(num_points - 1)
     valid_first = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)  # (B, M) valid positions first
-    samples = (
-        valid_first.gather(1, ranks.flatten(1)).view(num_pairs, iterations, size, 1).expand(-1, -1, -1, 2)
-    )
+    samples = valid_first.gather(1, ranks.flatten(1)).view(num_pairs, iterations, size, 1)
 
     best_models = src.new_zeros(num_pairs, 3, 3)
     best_counts = counts.new_full((num_pairs,), -1)
-    chunk = max(1, _SCORING_CHUNK_ELEMENTS // max(1, num_pairs * num_points))
-    for start in range(0, iterations, chunk):
-        index = samples[:, start : start + chunk]
-        sample_src = src.unsqueeze(1).expand(-1, index.shape[1], -1, -1).gather(2, index)
-        sample_dst = dst.unsqueeze(1).expand(-1, index.shape[1], -1, -1).gather(2, index)
+    active = torch.nonzero(counts >= size).squeeze(1)  # pairs still sampling
+    drawn, drawn_by_pair = 0, counts.new_zeros(num_pairs)
+    while len(active) and drawn < iterations:
+        chunk = min(_HYPOTHESES_PER_CHECK, max(1, _SCORING_CHUNK_ELEMENTS // (len(active) * num_points)))
+        index = samples[active, drawn : drawn + chunk].expand(-1, -1, -1, 2)
+        pair_src, pair_dst = src[active], dst[active]
+        sample_src = pair_src.unsqueeze(1).expand(-1, index.shape[1], -1, -1).gather(2, index)
+        sample_dst = pair_dst.unsqueeze(1).expand(-1, index.shape[1], -1, -1).gather(2, index)
         models = fit(sample_src, sample_dst, torch.ones_like(sample_src[..., 0]))
-        usable = (
-            _non_degenerate(sample_src, sample_dst, model)
-            & models.isfinite().flatten(-2).all(-1)
-            & (counts >= size).unsqueeze(-1)
-        )
-        hypothesis_counts = torch.where(usable, score(models).sum(-1), -1)  # (B, H)
-        chunk_counts, chunk_best = hypothesis_counts.max(dim=1)
-        better = torch.nonzero(chunk_counts > best_counts).squeeze(1)
-        best_counts[better] = chunk_counts[better]
-        best_models[better] = models[better, chunk_best[better]]
+        usable = _non_degenerate(sample_src, sample_dst, model) & models.isfinite().flatten(-2).all(-1)
+        scores = _score(models, pair_src, pair_dst, valid[active], threshold).sum(-1)
+        chunk_counts, chunk_best = torch.where(usable, scores, -1).max(dim=1)  # (A,)
+        better = chunk_counts > best_counts[active]
+        best_counts[active[better]] = chunk_counts[better]
+        best_models[active[better]] = models[better, chunk_best[better]]
+        drawn += index.shape[1]
+        drawn_by_pair[active] = drawn
+        needed = required_iterations(best_counts[active], counts[active], size, confidence, iterations)
+        active = active[needed > drawn]
 
     found = best_counts >= 0  # some sample was non-degenerate
     best_models[~found] = 0
-    inliers = score(best_models.unsqueeze(1)).squeeze(1) & found.unsqueeze(-1)
-    if refine:
-        refit = torch.zeros_like(best_models)
-        refit[found] = fit(src[found], dst[found], inliers[found].to(torch.float64))
-        refit_inliers = score(refit.unsqueeze(1)).squeeze(1)
-        better = found & refit.isfinite().flatten(-2).all(-1) & (refit_inliers.sum(-1) >= inliers.sum(-1))
-        best_models[better] = refit[better]
-        inliers = torch.where(better.unsqueeze(-1), refit_inliers, inliers)
-    return RansacResult(inliers=inliers, models=best_models)
+    inliers = _score(best_models.unsqueeze(1), src, dst, valid, threshold).squeeze(1) & found.unsqueeze(-1)
+    result = RansacResult(inliers=inliers, models=best_models, drawn=drawn_by_pair)
+    return refine_models(src, dst, valid, result, model, threshold) if refine else result
+
+
+def ransac_opencv(
+    src: np.ndarray,
+    dst: np.ndarray,
+    model: str = "affine",
+    threshold: float = 5.0,
+    iterations: int = 1000,
+    confidence: float = 0.999,
+) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's RANSAC on one pair: `(M, 2)` src / dst pixels -> inliers `(M,)` bool, model `(3, 3)` float64.
+
+    Same transfer error and threshold as `ransac_batched`, early stopping at `confidence` (`< 1`), no refit
+    (OpenCV's own refinement would move the model, not the inliers). Too few points or no model: 0 inliers
+    and an all-zero model.
+    """
+    import cv2
+
+    _check_config(model, threshold, iterations, confidence)
+    if confidence >= 1:
+        raise ConfigError(f"OpenCV RANSAC needs confidence < 1, got {confidence}")
+    inliers, no_model = np.zeros(len(src), dtype=bool), np.zeros((3, 3))
+    if len(src) < MINIMAL_SAMPLE_SIZE[model]:
+        return inliers, no_model
+    src, dst = np.ascontiguousarray(src, dtype=np.float32), np.ascontiguousarray(dst, dtype=np.float32)
+    options = {"method": cv2.RANSAC, "ransacReprojThreshold": threshold, "maxIters": iterations,
+               "confidence": confidence}
+    if model == "affine":
+        affine, mask = cv2.estimateAffine2D(src, dst, refineIters=0, **options)
+        matrix = None if affine is None else np.vstack([affine, [0, 0, 1]])
+    else:
+        matrix, mask = cv2.findHomography(src, dst, **options)
+    if matrix is None or mask is None:
+        return inliers, no_model
+    return mask.ravel().astype(bool), matrix.astype(np.float64)
 
 
 def pad_correspondences(
     correspondences: Sequence[tuple[np.ndarray, np.ndarray]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`B` pairs of `(M_b, 2)` src / dst pixels -> src, dst `(B, M, 2)` float32 0-padded, valid `(B, M)`."""
-    num_points = max((len(src) for src, _ in correspondences), default=0)
-    src = torch.zeros(len(correspondences), num_points, 2)
-    dst = torch.zeros_like(src)
-    valid = torch.zeros(len(correspondences), num_points, dtype=torch.bool)
-    for b, (points_src, points_dst) in enumerate(correspondences):
-        src[b, : len(points_src)] = torch.as_tensor(points_src, dtype=torch.float32)
-        dst[b, : len(points_dst)] = torch.as_tensor(points_dst, dtype=torch.float32)
-        valid[b, : len(points_src)] = True
-    return src, dst, valid
+    lengths = np.array([len(src) for src, _ in correspondences], dtype=np.int64)
+    valid = np.arange(lengths.max(initial=0)) < lengths[:, None]
+    src, dst = (np.zeros((*valid.shape, 2), dtype=np.float32) for _ in range(2))
+    if valid.any():
+        src[valid] = np.concatenate([points for points, _ in correspondences])
+        dst[valid] = np.concatenate([points for _, points in correspondences])
+    return torch.from_numpy(src), torch.from_numpy(dst), torch.from_numpy(valid)
 
 
 @dataclass(frozen=True)
 class GeometricVerifier:
-    """Configured batched RANSAC for many image pairs (a Hydra target); a pair's score is its inlier count.
+    """Configured RANSAC for many image pairs (a Hydra target); a pair's score is its inlier count.
 
-    Pairs are verified `batch_size` at a time on `device`, grouped by correspondence count so that little is
-    padding.
+    `backend`: `batched` (`ransac_batched` on `device`, `batch_size` pairs at a time, grouped by correspondence
+    count so that little is padding), `opencv` (`ransac_opencv` per pair, its own fixed seed; then one refit
+    of all pairs) or `auto` (`resolved_backend`). Both stop a pair at `confidence` and, with `refine`, refit
+    its model on its inliers (`refine_models`).
     """
 
     model: str = "affine"
@@ -275,11 +370,45 @@ class GeometricVerifier:
     refine: bool = True
     batch_size: int = 64
     device: str = "cpu"
+    confidence: float = 0.999
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_config(self.model, self.threshold, self.iterations)
+        _check_config(self.model, self.threshold, self.iterations, self.confidence)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown RANSAC backend '{self.backend}', expected one of {list(BACKENDS)}")
+        if self.resolved_backend == "opencv" and self.confidence >= 1:
+            raise ConfigError("the opencv RANSAC backend needs confidence < 1 (use backend=batched for a "
+                              "fixed iteration budget)")
+
+    @property
+    def resolved_backend(self) -> str:
+        """`backend`, `auto` resolved: `batched` on a CUDA device or at confidence 1, else `CPU_BACKEND`."""
+        if self.backend != "auto":
+            return self.backend
+        if torch.device(self.device).type != "cpu" or self.confidence >= 1:
+            return "batched"
+        return CPU_BACKEND[self.model]
+
+    def _verify(self, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """One batch of pairs -> their inlier masks."""
+        if self.resolved_backend == "batched":
+            src, dst, valid = (padded.to(self.device) for padded in pad_correspondences(batch))
+            inliers = ransac_batched(src, dst, valid, self.model, self.threshold, self.iterations, self.seed,
+                                     self.refine, self.confidence).inliers.cpu().numpy()
+        else:
+            found = [ransac_opencv(points_src, points_dst, self.model, self.threshold, self.iterations,
+                                   self.confidence) for points_src, points_dst in batch]
+            if not self.refine:
+                return [mask for mask, _ in found]
+            src, dst, valid = pad_correspondences(batch)
+            inliers = np.zeros(valid.shape, dtype=bool)
+            inliers[valid.numpy()] = np.concatenate([mask for mask, _ in found])
+            result = RansacResult(torch.from_numpy(inliers), torch.from_numpy(np.stack([m for _, m in found])))
+            inliers = refine_models(src, dst, valid, result, self.model, self.threshold).inliers.numpy()
+        return [inliers[row, : len(points_src)] for row, (points_src, _) in enumerate(batch)]
 
     def __call__(self, correspondences: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Pairs of `(M_i, 2)` src / dst pixel arrays -> their `(M_i,)` bool inlier masks, in input order."""
@@ -290,15 +419,9 @@ class GeometricVerifier:
                 )
         order = np.argsort([len(src) for src, _ in correspondences], kind="stable")
         masks: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(correspondences)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            src, dst, valid = (
-                padded.to(self.device) for padded in pad_correspondences([correspondences[i] for i in batch])
-            )
-            result = ransac_batched(
-                src, dst, valid, self.model, self.threshold, self.iterations, self.seed, self.refine
-            )
-            inliers = result.inliers.cpu().numpy()
-            for row, i in enumerate(batch):
-                masks[i] = inliers[row, : len(correspondences[i][0])]
+        batch_size = self.batch_size if self.resolved_backend == "batched" else max(1, len(order))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            for i, mask in zip(batch, self._verify([correspondences[i] for i in batch]), strict=True):
+                masks[i] = mask
         return masks
