@@ -64,3 +64,18 @@ def compose_eval(tmp_path, cache_dir):
                 "logger=csv", "evaluation.report=false", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """timm as on a machine without network: asking for pretrained weights fails as the Hugging Face hub does."""
+    import timm
+
+    real_create = timm.create_model
+
+    def offline_create(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to the Hub")
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_create)

@@ -9,7 +9,6 @@ the collection was described (a weights or settings mismatch is refused).
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from hetretrieval.config import ExtractionOptions, instantiate, typed
 from hetretrieval.data.datasets import ImageRecord, list_images
 from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.extraction.batching import ImageSource
+from hetretrieval.files import write_csv
 from hetretrieval.index import collection as stored
 from hetretrieval.index.collection import DESCRIBED, REMOVED, SKIPPED, ImageEntry, IndexOptions
 
@@ -300,9 +300,6 @@ def _rerank(ranked, entries, rerank: DictConfig, describer: Describer, cfg: Dict
 
 
 def _write_results(path: Path, results: dict[str, list[Neighbour]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["query", "rank", "image_id", "path", "similarity", "inliers"])
-        for query, found in results.items():
-            writer.writerows([query, n.rank, n.image_id, n.path, f"{n.similarity:.6f}",
-                              "" if n.inliers is None else n.inliers] for n in found)
+    write_csv(path, ["query", "rank", "image_id", "path", "similarity", "inliers"], (
+        [query, n.rank, n.image_id, n.path, f"{n.similarity:.6f}", "" if n.inliers is None else n.inliers]
+        for query, found in results.items() for n in found))

@@ -8,13 +8,12 @@ last, so a reader (or `hetretrieval-analyze`) either sees a complete run or no `
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from hetretrieval.analysis.results import (
 )
 from hetretrieval.data.datasets import RetrievalDataset
 from hetretrieval.errors import DataError
+from hetretrieval.files import atomic_write, write_csv, write_npy
 from hetretrieval.metrics.retrieval import RetrievalResults, metric_summary
 
 log = logging.getLogger(__name__)
@@ -89,38 +89,13 @@ def _lock_holder(lock: Path) -> int | None:
     return pid
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(temporary path)`, then rename it to `path`; an OSError (full disk, permissions) is one line."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({error.strerror or error})") from None
-    return path
-
-
 def write_json(path: Path, content: Mapping) -> Path:
     return atomic_write(path, lambda p: p.write_text(json.dumps(content, indent=2, default=str), encoding="utf-8"))
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping], fieldnames: Sequence[str]) -> None:
-    def write(partial: Path) -> None:
-        with partial.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(fieldnames), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    def write(partial: Path) -> None:
-        with partial.open("wb") as handle:
-            np.save(handle, array)
-
-    atomic_write(path, write)
+    """Dict `rows` under `fieldnames` (a missing key is an empty cell, other keys are left out)."""
+    write_csv(path, fieldnames, ([row.get(name, "") for name in fieldnames] for row in rows))
 
 
 def metadata_columns(dataset: RetrievalDataset) -> list[str]:
@@ -177,8 +152,8 @@ def write_run(output_dir: Path, dataset: RetrievalDataset, results: RetrievalRes
         {"image_id": i, "path": str(r.path), "label": r.label or "", "query": int(is_query[i]),
          "database": int(in_database[i]), "described": int(valid[i]), **r.metadata}
         for i, r in enumerate(records)], ["image_id", "path", "label", "query", "database", "described", *meta])
-    _write_npy(output_dir / DESCRIPTORS, descriptors.astype(np.float32))
-    _write_npy(output_dir / NEIGHBOURS, results.neighbours)
+    write_npy(output_dir / DESCRIPTORS, descriptors.astype(np.float32))
+    write_npy(output_dir / NEIGHBOURS, results.neighbours)
 
     summary = {
         **metric_summary(results, ks),

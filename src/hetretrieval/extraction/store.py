@@ -29,9 +29,10 @@ from torch import nn
 
 from hetretrieval.data.datasets import ImageRecord
 from hetretrieval.data.images import CROP_KEY
-from hetretrieval.errors import ConfigError
+from hetretrieval.errors import ConfigError, DataError
 from hetretrieval.extraction.batching import ImageSource
 from hetretrieval.extraction.engine import Extraction
+from hetretrieval.files import atomic_write, write_npy
 from hetretrieval.models.local.features import LocalFeatures
 
 log = logging.getLogger(__name__)
@@ -144,19 +145,17 @@ class DescriptorStore:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(head, key)
-        files = [(path, lambda handle: np.savez(handle, **_pack(head, key, extraction)))]
-        if head in extraction.descriptors:  # written (and renamed) before the entry that vouches for it
-            files.insert(0, (self.descriptors_path(head, key),
-                             lambda handle: np.save(handle, extraction.descriptors[head].astype(self.dtype))))
+
+        def write_entry(partial: Path) -> None:
+            with partial.open("wb") as handle:  # a handle: np.savez would append `.npz` to the temporary name
+                np.savez(handle, **_pack(head, key, extraction))
+
         try:
-            for target, write in files:
-                partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-                with partial.open("wb") as handle:
-                    write(handle)
-                os.replace(partial, target)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            log.warning("could not store descriptors in %s (%s): continuing without the cache", path, error)
+            if head in extraction.descriptors:  # written (and renamed) before the entry that vouches for it
+                write_npy(self.descriptors_path(head, key), extraction.descriptors[head].astype(self.dtype))
+            atomic_write(path, write_entry)
+        except DataError as error:
+            log.warning("could not store descriptors (%s): continuing without the cache", error)
             return None
         return path
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.files import atomic_write, write_csv, write_npy
 
 if TYPE_CHECKING:
     import faiss  # imported where used: faiss stays out of import time
@@ -122,22 +123,13 @@ def _int(value: str) -> int | None:
 
 
 def write_table(directory: str | Path, entries: Sequence[ImageEntry]) -> Path:
-    def write(partial: Path) -> None:
-        with partial.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(COLUMNS)
-            writer.writerows([e.image_id, e.path, "" if e.bytes is None else e.bytes,
-                              "" if e.mtime_ns is None else e.mtime_ns, e.status, e.reason] for e in entries)
-
-    return _atomic(Path(directory) / IMAGE_TABLE, write)
+    return write_csv(Path(directory) / IMAGE_TABLE, COLUMNS, (
+        [e.image_id, e.path, "" if e.bytes is None else e.bytes, "" if e.mtime_ns is None else e.mtime_ns,
+         e.status, e.reason] for e in entries))
 
 
 def write_descriptors(directory: str | Path, descriptors: np.ndarray) -> Path:
-    def write(partial: Path) -> None:
-        with partial.open("wb") as handle:
-            np.save(handle, descriptors.astype(np.float32))
-
-    return _atomic(Path(directory) / DESCRIPTORS, write)
+    return write_npy(Path(directory) / DESCRIPTORS, descriptors.astype(np.float32))
 
 
 def read_descriptors(directory: str | Path) -> np.ndarray:
@@ -145,17 +137,6 @@ def read_descriptors(directory: str | Path) -> np.ndarray:
         return np.load(Path(directory) / DESCRIPTORS, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise DataError(f"index '{directory}' has no readable {DESCRIPTORS} ({error})") from None
-
-
-def _atomic(path: Path, write) -> Path:
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({error.strerror or error})") from None
-    return path
 
 
 def build_faiss_index(descriptors: np.ndarray, ids: np.ndarray, options: IndexOptions) -> faiss.Index:
@@ -198,7 +179,7 @@ def remove_from_index(index: faiss.Index, ids: Sequence[int]) -> int:
 def write_faiss_index(directory: str | Path, index: faiss.Index) -> Path:
     import faiss
 
-    return _atomic(Path(directory) / FAISS_INDEX, lambda partial: faiss.write_index(index, str(partial)))
+    return atomic_write(Path(directory) / FAISS_INDEX, lambda partial: faiss.write_index(index, str(partial)))
 
 
 def read_faiss_index(directory: str | Path) -> faiss.Index:
