@@ -3,7 +3,7 @@
 Synthetic L2-normalised descriptors with structure, as real ones have (a low intrinsic dimension, classes): a
 Gaussian mixture in a 32-d latent space (`n / 100` standard-normal centres, within-cluster std 0.5), mapped to D
 dimensions by a fixed random projection, L2-normalised, plus isotropic noise of norm 0.05, re-normalised; a
-point's class is its cluster. Generated in 100k chunks (seeded); every timing is wall time on this machine,
+point's class is its cluster. Generated in 10k chunks (seeded); every timing is wall time on this machine,
 interleaved where two things are compared.
 
 Sections (each in its own process, so that its peak RSS is its own):
@@ -73,7 +73,7 @@ def baseline_iter_rankings(queries, database, exclude=None, max_batch_entries=1 
 
 
 def clustered(n: int, dim: int, seed: int, n_clusters: int | None = None, latent: int = 32, spread: float = 0.5,
-              noise: float = 0.05, chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+              noise: float = 0.05, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
     """`(n, dim)` float32 unit vectors with structure, and their cluster (see the module docstring)."""
     structure = np.random.default_rng(dim)  # centres and projection shared by every set of this dim
     projection = structure.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent)
@@ -102,11 +102,7 @@ def _protocol_inputs(n_database: int, n_queries: int, dim: int):
 
 def before_after(args) -> None:
     n_database, n_queries = (2000, 200) if args.quick else (10_000, 1000)
-    for dim in (512,) if args.quick else (512, 2048):
-        _before_after_at(n_database, n_queries, dim, args)
-
-
-def _before_after_at(n_database: int, n_queries: int, dim: int, args) -> None:
+    dim = args.dim
     vectors, labels, query_ids, database_ids = _protocol_inputs(n_database, n_queries, dim)
     protocol = search_protocol(query_ids, database_ids, np.ones(n_database, dtype=bool))
     queries, database = vectors[query_ids], vectors
@@ -137,35 +133,35 @@ def _before_after_at(n_database: int, n_queries: int, dim: int, args) -> None:
 
 
 def exact_100k(args) -> None:
-    n_database = 20_000 if args.quick else 100_000
+    n_database, dim = 20_000 if args.quick else 100_000, args.dim
     sample, baseline_sample = (200, 50) if args.quick else (args.sample, args.sample // 5)
-    for dim in (512,) if args.quick else (512, 2048):
-        vectors, labels, _, database_ids = _protocol_inputs(n_database, n_database, dim)
-        query_ids = np.random.default_rng(1).choice(n_database, sample, replace=False)
-        print(f"\n== exact_100k: {n_database} database, D={dim}, {sample} queries measured "
-              f"(baseline {baseline_sample}), extrapolated linearly to {n_database} queries")
-        started = time.perf_counter()
-        evaluate_retrieval(vectors, labels, query_ids, database_ids)
-        new = time.perf_counter() - started
-        protocol = search_protocol(query_ids[:baseline_sample], database_ids, np.ones(n_database, dtype=bool))
-        started = time.perf_counter()
-        evaluate_rankings(baseline_iter_rankings(vectors[protocol.query_ids], vectors, protocol.exclude), labels,
-                          protocol)
-        old = time.perf_counter() - started
-        scale_new, scale_old = n_database / sample, n_database / baseline_sample
-        print(f"  new       {new:8.2f} s for {sample} queries -> {new * scale_new / 60:7.1f} min for "
-              f"{n_database} (target <= 15 min at 100k)")
-        print(f"  baseline  {old:8.2f} s for {baseline_sample} queries -> {old * scale_old / 60:7.1f} min")
-        print(f"  baseline / new per query: {(old / baseline_sample) / (new / sample):.2f}")
-        del vectors
-    print(f"  peak RSS of the section: {peak_rss_gb():.2f} GB")
+    vectors, labels, _, database_ids = _protocol_inputs(n_database, n_database, dim)
+    query_ids = np.random.default_rng(1).choice(n_database, sample, replace=False)
+    print(f"\n== exact_100k: {n_database} database, D={dim}, {sample} queries measured "
+          f"(baseline {baseline_sample}), extrapolated linearly to {n_database} queries")
+    print(f"  peak RSS with the data generated: {peak_rss_gb():.2f} GB")
+    started = time.perf_counter()
+    evaluate_retrieval(vectors, labels, query_ids, database_ids)
+    new = time.perf_counter() - started
+    print(f"  peak RSS after the new evaluation: {peak_rss_gb():.2f} GB")
+    protocol = search_protocol(query_ids[:baseline_sample], database_ids, np.ones(n_database, dtype=bool))
+    started = time.perf_counter()
+    evaluate_rankings(baseline_iter_rankings(vectors[protocol.query_ids], vectors, protocol.exclude), labels,
+                      protocol)
+    old = time.perf_counter() - started
+    print(f"  peak RSS after the baseline: {peak_rss_gb():.2f} GB")
+    scale_new, scale_old = n_database / sample, n_database / baseline_sample
+    print(f"  new       {new:8.2f} s for {sample} queries -> {new * scale_new / 60:7.1f} min for "
+          f"{n_database} (target <= 15 min at 100k)")
+    print(f"  baseline  {old:8.2f} s for {baseline_sample} queries -> {old * scale_old / 60:7.1f} min")
+    print(f"  baseline / new per query: {(old / baseline_sample) / (new / sample):.2f}")
 
 
 def ivfpq_1m(args) -> None:
     import faiss
 
     n_database, n_queries = (100_000, 200) if args.quick else (1_000_000, 1000)
-    dim, shortlist, top = 512, 1000, 100
+    dim, shortlist, top = args.dim, 1000, 100
     database, _ = clustered(n_database, dim, seed=7)
     queries, _ = clustered(n_queries, dim, seed=8, n_clusters=n_database // 100)  # the database's clusters
     print(f"\n== ivfpq_1m: {n_database} database x {n_queries} queries, D={dim}, short-list {shortlist}, top {top}")
@@ -218,19 +214,23 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=1000, help="exact_100k: queries measured")
     parser.add_argument("--ivf-lists", type=int, default=None, help="ivfpq_1m: null: the default for N")
     parser.add_argument("--nprobe", type=int, default=None, help="ivfpq_1m: null: the default (lists / 16)")
+    parser.add_argument("--dim", type=int, default=None, help="before_after / exact_100k: one D (default 512 and "
+                        "2048; 512 alone with --quick)")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
         for section in args.only:
             globals()[section](args)
         return
-    for section in args.only:  # one process per section: its peak RSS is its own
-        command = [sys.executable, __file__, "--in-process", "--only", section, "--repeats", str(args.repeats),
-                   "--sample", str(args.sample)]
-        command += ["--quick"] * args.quick
-        command += ["--ivf-lists", str(args.ivf_lists)] if args.ivf_lists else []
-        command += ["--nprobe", str(args.nprobe)] if args.nprobe else []
-        subprocess.run(command, check=True)
+    for section in args.only:  # one process per section and D: its peak RSS is its own
+        dims = [args.dim] if args.dim else [512] if args.quick or section == "ivfpq_1m" else [512, 2048]
+        for dim in dims:
+            command = [sys.executable, __file__, "--in-process", "--only", section, "--repeats", str(args.repeats),
+                       "--sample", str(args.sample), "--dim", str(dim)]
+            command += ["--quick"] * args.quick
+            command += ["--ivf-lists", str(args.ivf_lists)] if args.ivf_lists else []
+            command += ["--nprobe", str(args.nprobe)] if args.nprobe else []
+            subprocess.run(command, check=True)
 
 
 if __name__ == "__main__":

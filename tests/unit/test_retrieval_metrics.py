@@ -125,3 +125,17 @@ def test_a_truncated_ranking_counts_positives_outside_it_as_not_retrieved():
     assert results.recall[3].tolist() == [2 / 3] and results.precision[3].tolist() == [2 / 3]
     full = evaluate_rankings([batch], labels, protocol, ks=(1,), top_k=3)
     np.testing.assert_allclose(full.ap, [(1 / 1 + 2 / 3) / 2])  # a full ranking counts what it holds
+
+
+def test_duplicate_images_tie_exactly_when_the_queries_are_the_database():
+    # queries and database are views of one array (every image a query): identical descriptors must score
+    # identically (the GEMM must not take BLAS's symmetric path, whose mirrored half rounds differently)
+    rng = np.random.default_rng(2)
+    descriptors = rng.standard_normal((120, 1280)).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    descriptors[[81, 89, 100]] = descriptors[80]
+    descriptors[[5, 60]] = descriptors[33]
+    labels = [str(i % 12) for i in range(120)]
+    ids = np.arange(120)
+    ap, _, _ = _brute_force(descriptors, labels, ids, ids, (1,))
+    np.testing.assert_allclose(evaluate_retrieval(descriptors, labels, ids, ids, ks=(1,)).ap, ap, atol=1e-9)

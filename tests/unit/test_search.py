@@ -12,6 +12,7 @@ from hetretrieval.index.search import (
     approximate_rankings,
     build_approximate_index,
     iter_rankings,
+    select_rows,
     similarity_batches,
     stable_top_k,
 )
@@ -158,3 +159,12 @@ def test_search_options_are_checked_at_start_up(node, message):
     with pytest.raises(ConfigError, match=message):
         typed(OmegaConf.create(node), EvaluationOptions, "evaluation")
     assert typed(OmegaConf.create({"shortlist": 50}), EvaluationOptions, "evaluation").search == "exact"
+
+
+def test_consecutive_rows_are_selected_as_a_view():
+    descriptors = _random_unit(10, 4, 10)
+    view, copy = select_rows(descriptors, np.arange(3, 8)), select_rows(descriptors, np.array([1, 4, 5]))
+    assert np.shares_memory(view, descriptors) and not np.shares_memory(copy, descriptors)
+    np.testing.assert_array_equal(view, descriptors[3:8])
+    np.testing.assert_array_equal(copy, descriptors[[1, 4, 5]])
+    assert select_rows(descriptors, np.arange(0)).shape == (0, 4)

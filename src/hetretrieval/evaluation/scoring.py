@@ -38,6 +38,7 @@ from hetretrieval.index.search import (
     build_approximate_index,
     iter_rankings,
     on_gpus,
+    select_rows,
     similarity_batches,
 )
 from hetretrieval.metrics.retrieval import (
@@ -80,7 +81,7 @@ def score_global(descriptors: np.ndarray, valid: np.ndarray, dataset: RetrievalD
     """The `evaluation.search` over `descriptors (N, D)` (after αQE / DBA when set; optionally re-ranked by local
     features), then every metric."""
     protocol = search_protocol(dataset.query_ids, dataset.database_ids, valid)
-    queries, database = _rows(descriptors, protocol.query_ids), _rows(descriptors, protocol.database_ids)
+    queries, database = select_rows(descriptors, protocol.query_ids), select_rows(descriptors, protocol.database_ids)
     if not options.expands:
         return _search_and_score(queries, database, dataset, protocol, options, rerank)
     before = _search_and_score(queries, database, dataset, protocol, options, rerank)
@@ -93,13 +94,6 @@ def score_global(descriptors: np.ndarray, valid: np.ndarray, dataset: RetrievalD
         "mAP_before_expansion": metric_summary(before.results, options.ks)["mAP"],
     })
     return scored
-
-
-def _rows(descriptors: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """`descriptors[ids]`, as a view (no copy of a memory-mapped store) when the ids are consecutive."""
-    if ids.size and np.all(np.diff(ids) == 1):
-        return descriptors[ids[0] : ids[-1] + 1]
-    return descriptors[ids]
 
 
 def _search_and_score(queries: np.ndarray, database: np.ndarray, dataset: RetrievalDataset, protocol: Protocol,

@@ -2,11 +2,13 @@
 
 Evaluation needs every positive's rank (AP over the whole ranking), but a dense `Q x N` similarity matrix does not
 fit for large collections. `similarity_batches` yields the exact inner products of one query batch at a time,
-about `max_batch_entries` of them (at least one row of N), by a float32 GEMM (BLAS) over database blocks: a
-float32 array (a memory map too) is read in place, any other dtype (float16) is converted one block of about
-`max_batch_entries` values at a time, never whole. The query's own entry gets -inf before anything is sorted, so
-no second sort moves it. `iter_rankings` sorts each batch (stable: ties keep the lower database position first);
-`stable_top_k` gives the same first k without a full sort.
+about `max_batch_entries` of them (at least one row of N), by a float32 GEMM over database blocks. The GEMM is
+torch's (MKL on x86): identical descriptors score identically there, which AP's tie rule needs and OpenBLAS's
+and faiss's edge kernels do not guarantee. A writable float32 array is read in place; any other (float16, a
+read-only memory map) is converted one block of about `max_batch_entries` values at a time, never whole. The
+query's own entry gets -inf before anything is sorted, so no second sort moves it. `iter_rankings` sorts each
+batch (stable: ties keep the lower database position first); `stable_top_k` gives the same first k without a
+full sort.
 
 `approximate_rankings` is the large-database search (`evaluation.search: ivfpq | hnsw`): a faiss IVF-PQ (on every
 GPU when faiss has any) or HNSW index proposes a short-list per query, which is re-scored exactly and sorted as
@@ -31,8 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-APPROXIMATE_SEARCHES = ("ivfpq", "hnsw")
-
 
 @dataclass(frozen=True)
 class RankingBatch:
@@ -55,6 +55,13 @@ def build_flat_index(database: np.ndarray) -> faiss.Index:
     return index
 
 
+def select_rows(descriptors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`descriptors[ids]`, as a view when the ids are consecutive (no copy of the database, of a memory map)."""
+    if ids.size and np.all(np.diff(ids) == 1):
+        return descriptors[ids[0] : ids[-1] + 1]
+    return descriptors[ids]
+
+
 def similarity_batches(
     queries: np.ndarray, database: np.ndarray, exclude: np.ndarray | None = None,
     max_batch_entries: int = 1 << 24,
@@ -63,18 +70,20 @@ def similarity_batches(
     database `(N, D)`, `exclude[q]` (a database position, or -1) set to -inf. Each batch is a fresh array the
     caller may overwrite.
 
-    A batch holds about `max_batch_entries` similarities, at least one row; a database that is not float32 is
-    converted block by block (see the module docstring).
+    A batch holds about `max_batch_entries` similarities, at least one row; a database that is not a writable
+    float32 array is converted block by block (see the module docstring).
     """
     n_database, dim = database.shape
     batch = max(1, max_batch_entries // max(n_database, 1))
-    rows = n_database if database.dtype == np.float32 else max(1, max_batch_entries // max(dim, 1))
+    in_place = database.dtype == np.float32 and database.flags.c_contiguous and database.flags.writeable
+    rows = n_database if in_place else max(1, max_batch_entries // max(dim, 1))
     for start in range(0, queries.shape[0], batch):
-        block_queries = np.asarray(queries[start : start + batch], dtype=np.float32)
+        block_queries = torch.from_numpy(np.array(queries[start : start + batch], dtype=np.float32))
         scores = np.empty((block_queries.shape[0], n_database), dtype=np.float32)
         for first in range(0, n_database, rows):
-            block = np.asarray(database[first : first + rows], dtype=np.float32)
-            np.matmul(block_queries, block.T, out=scores[:, first : first + block.shape[0]])
+            block = database if in_place else np.array(database[first : first + rows], dtype=np.float32)
+            torch.mm(block_queries, torch.from_numpy(block).T,
+                     out=torch.from_numpy(scores)[:, first : first + block.shape[0]])
         if exclude is not None:
             dropped = np.asarray(exclude[start : start + batch])
             kept = np.flatnonzero(dropped >= 0)
@@ -104,7 +113,7 @@ def stable_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, n_database)
     if k < n_database:  # torch's top-k holds (b, k), not the (b, N) indices of a partition
         values, positions = (t.numpy() for t in torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False))
-        # rows where ties straddle the cut: the partition may have kept any of the tied entries
+        # rows where ties straddle the cut: top-k may have kept any of the tied entries
         for row in np.flatnonzero(np.count_nonzero(scores >= values.min(axis=1)[:, None], axis=1) > k):
             positions[row] = np.argsort(-scores[row], kind="stable")[:k]
             values[row] = scores[row, positions[row]]
@@ -214,8 +223,9 @@ def approximate_rankings(
         scores = np.empty(candidates.shape, dtype=np.float32)
         for first in range(0, block.shape[0], rescore_batch):
             rows = slice(first, first + rescore_batch)
-            vectors = np.asarray(database[candidates[rows].ravel()], dtype=np.float32)
-            scores[rows] = np.matmul(vectors.reshape(*candidates[rows].shape, dim), block[rows, :, None])[:, :, 0]
+            vectors = torch.from_numpy(np.array(database[candidates[rows].ravel()], dtype=np.float32))
+            scores[rows] = torch.bmm(vectors.view(*candidates[rows].shape, dim),
+                                     torch.from_numpy(block[rows, :, None]))[:, :, 0].numpy()
         dropped = missing
         if exclude is not None:
             dropped = missing | (candidates == np.asarray(exclude[start : start + search_batch])[:, None])

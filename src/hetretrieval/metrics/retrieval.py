@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetretrieval.index.search import RankingBatch, similarity_batches, stable_top_k
+from hetretrieval.index.search import RankingBatch, select_rows, similarity_batches, stable_top_k
 from hetretrieval.metrics.ap import (
     average_precision,
     average_precision_of_positives,
@@ -216,8 +216,8 @@ def evaluate_retrieval(
     """
     valid = np.ones(len(labels), dtype=bool) if valid is None else valid
     protocol = search_protocol(query_ids, database_ids, valid)
-    batches = similarity_batches(descriptors[protocol.query_ids], descriptors[protocol.database_ids],
-                                 exclude=protocol.exclude, max_batch_entries=max_batch_entries)
+    batches = similarity_batches(select_rows(descriptors, protocol.query_ids),
+                                 select_rows(descriptors, protocol.database_ids), protocol.exclude, max_batch_entries)
     return evaluate_similarities(batches, labels, protocol, ks, top_k)
 
 
