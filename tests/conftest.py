@@ -79,3 +79,13 @@ def offline_hub(monkeypatch):
         return real_create(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline_create)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_hydra_run():
+    """Hydra's run context is process-global: a test that sets it (as `compose_run` or an entry point's body
+    does) must not leave it to the next test, whose own config it does not describe."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

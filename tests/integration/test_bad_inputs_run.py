@@ -226,10 +226,7 @@ def test_empty_test_datasets_override_disables_an_experiments_test_sets(monkeypa
     trained = []
     monkeypatch.setattr(train_cli, "train", lambda cfg: trained.append(cfg) or {"best_val/mAP": None})
     HydraConfig.instance().set_config(cfg)
-    try:
-        train_cli.main.__wrapped__(cfg)  # the entry point's body, without Hydra's launcher
-    finally:
-        HydraConfig.instance().cfg = None
+    train_cli.main.__wrapped__(cfg)  # the entry point's body, without Hydra's launcher
     (cfg,) = trained
     assert cfg.test.datasets == {} and list(cfg.dataset.domains) == ["photo", "art_painting"]
 

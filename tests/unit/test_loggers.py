@@ -105,15 +105,12 @@ def test_a_multirun_job_is_named_by_its_swept_overrides_only(tmp_path):
                    tmp_path / "multirun.yaml")
     with open_dict(cfg):
         cfg.hydra.mode, cfg.hydra.sweep.dir, cfg.hydra.job.num = "MULTIRUN", str(tmp_path), 1
-    try:
-        HydraConfig.instance().set_config(cfg)
-        assert sweep_label() == "checkpoint=/w/a.pth,root=/data/a"  # dataset=folder is not swept
-        assert sweep_subdir() == "1_checkpoint=_w_a.pth,root=_data_a"  # never a nested folder
-        assert multirun_group(cfg) == f"eval-{tmp_path.name}"
-        OmegaConf.set_readonly(cfg.hydra, False)  # set_config froze it
-        cfg.hydra.overrides.task[2] = f"dataset.root={long_root}"
-        HydraConfig.instance().set_config(cfg)
-        subdir = sweep_subdir()
-        assert len(subdir) == len("1_") + MAX_FOLDER_NAME and subdir.startswith("1_checkpoint=_w_a.pth,root=_data_x")
-    finally:
-        HydraConfig.instance().cfg = None
+    HydraConfig.instance().set_config(cfg)
+    assert sweep_label() == "checkpoint=/w/a.pth,root=/data/a"  # dataset=folder is not swept
+    assert sweep_subdir() == "1_checkpoint=_w_a.pth,root=_data_a"  # never a nested folder
+    assert multirun_group(cfg) == f"eval-{tmp_path.name}"
+    OmegaConf.set_readonly(cfg.hydra, False)  # set_config froze it
+    cfg.hydra.overrides.task[2] = f"dataset.root={long_root}"
+    HydraConfig.instance().set_config(cfg)
+    subdir = sweep_subdir()
+    assert len(subdir) == len("1_") + MAX_FOLDER_NAME and subdir.startswith("1_checkpoint=_w_a.pth,root=_data_x")
