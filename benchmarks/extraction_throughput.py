@@ -1,37 +1,44 @@
 """Descriptor extraction throughput: `ExtractionEngine.extract` vs the pure model forward vs a naive batch-1 loop.
 
-Three ways of describing the same images with EfficientNet-Lite0 + GeM (`RetrievalNetwork`, one scale), timed
-interleaved (extract, forward, naive, extract, forward, naive, ...) after one untimed warm-up round of each:
+Ways of describing the same images with EfficientNet-Lite0 + GeM (`RetrievalNetwork`, one scale), timed
+interleaved (extract, forward, naive, extract, ...) after one untimed warm-up round of each:
 
-  extract  end to end: `ExtractionEngine(network, batch_size=4).extract(records, ImageSource(...))`, i.e. the
-           header scan (`ImagePlan.scan`), decoding in the loader (num_workers 0), size-bucketed batches of 4,
-           the forward pass and the collection of descriptors in record order;
-  forward  the model alone: every batch of the same plan and loader decoded beforehand (untimed), then only
-           `network(batch["images"])` per batch is timed: the ceiling of (a);
-  naive    one image at a time, as cirtorch extracts: `load_image(path, max_size)` then `network(image[None])`.
+  extract  end to end: `ExtractionEngine(network, batch_size=b).extract(records, ImageSource(...))`, i.e. the
+           header scan (`ImagePlan.scan`), decoding two batches ahead in a background thread (num_workers 0),
+           size-bucketed batches of b, the forward pass and the collection of descriptors in record order;
+  forward  the model alone on the same batch plan: every batch decoded beforehand (untimed), then only
+           `network(batch["images"])` per batch is timed: the ceiling of extract;
+  naive    one image at a time, as cirtorch extracts: `load_image(path, max_size)` then `network(image[None])`;
+  predict  (`--lightning`) the same engine driven by Lightning: `Trainer(accelerator="cpu").predict(
+           ExtractionModule(...))`, as DDP and fast_dev_run evaluations run it; same read-ahead batches.
 
-The warm-up is a whole pass, not one batch: heritage-wild's images are of many sizes, and the first forward of
-each new shape costs several times a later one (kernel selection, allocations).
+`--batch-size 1 4` times extract and forward at each batch size (default: `ExtractionOptions().batch_size`,
+the configured default). The warm-up is a whole pass, not one batch: heritage-wild's images are of many
+sizes, and the first forward of each new shape costs several times a later one.
 
 Data: pacs-dev (the first `--per-class` images of every domain x class: 8 -> 224 images, all 227x227 at
 max_size 800, one size bucket) and heritage-wild (all 40 images, max_size 512: 33 distinct shapes, so mostly
 batches of one), from ../shared/data, at each of `--threads` torch thread counts. Prints min and median seconds
-(and images/s) of each way, and the ratios extract/forward (issue target >= 0.85) and extract/naive of
-images/s, of mins and of medians. About 3 minutes on the idle 2-core machine (`--quick`: about 1 minute); much
-longer when other jobs share the cores, 2-thread runs most of all.
+(and images/s) of each way, and ratios of images/s (of mins, of medians): extract/forward (issue 15 target
+>= 0.95), extract/naive (>= 1.0 at 1 thread, >= 1.3 at 2), and predict/extract. About 3 minutes on the idle
+2-core machine (`--quick`: 2 rounds, 112 pacs images); much longer when other jobs share the cores, 2-thread
+runs most of all (their OpenMP threads then wait on each other).
 
-    .venv/bin/python benchmarks/extraction_throughput.py [--threads 1 2] [--repeats 3] [--per-class 8] [--quick]
+    .venv/bin/python benchmarks/extraction_throughput.py [--threads 1 2] [--batch-size 1 4] [--lightning] [--quick]
 
-Measured on the idle 2-core machine (defaults, 3.0 min; ratios of images/s, of mins / of medians):
-pacs-dev 224 images: 1 thread extract 32.6 images/s, extract/forward 0.880/0.887, extract/naive 0.658/0.660;
-2 threads 68.3 images/s, 0.937/0.939, 0.839/0.880. heritage-wild 40 images: 1 thread 11.8 images/s,
-0.748/0.759, 0.849/0.835; 2 threads 17.0 images/s, 0.726/0.716, 0.914/0.916. The naive batch-1 loop beats
-the engine's batches of 4 everywhere. Under load from other jobs the 2-thread rates fell 5-10x.
+Measured on the 2-core machine, nearly idle (`--quick --threads 1 2 --batch-size 1 4`; ratios of images/s,
+of mins / of medians), batch 1 (the default): pacs-dev 1 thread 33.3 images/s, extract/forward 1.061/1.018,
+extract/naive 1.058/1.047; 2 threads 42.5 images/s, 1.019/0.968, 1.028/1.002. heritage-wild 1 thread
+11.7 images/s, 0.968/0.956, 1.197/1.178; 2 threads 10.7 images/s, 0.771/0.773, 0.986/0.982 (decoding in line:
+with torch on both cores a read-ahead thread made pacs-dev 2.0x slower). Batch 4 / batch 1: pacs-dev
+0.794/0.830 at 1 thread, 0.955/1.004 at 2; heritage-wild 0.976/0.992 and 1.017/0.996. Under load from other
+jobs the times rose 2-20x and their ratios meant little.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +46,7 @@ from pathlib import Path
 import torch
 from _interleave import interleave, print_ratio, print_times
 
+from hetretrieval.config import ExtractionOptions
 from hetretrieval.data.datasets import csv_manifest, domain_folder
 from hetretrieval.data.images import load_image
 from hetretrieval.extraction.batching import ImagePlan, ImageSource
@@ -65,46 +73,75 @@ def heritage_wild(root: Path) -> list:
     return list(dataset.records)
 
 
-def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, batch_size: int,
-          threads: list[int], repeats: int) -> list[tuple]:
+def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, batch_sizes: list[int],
+          threads: list[int], repeats: int, lightning: bool) -> list[tuple]:
     source = ImageSource(max_size=max_size)
-    engine = ExtractionEngine(network, batch_size=batch_size, num_workers=0, progress=False)
     plan = ImagePlan.scan(records, source)
     if plan.unreadable:
         raise SystemExit(f"{name}: unreadable images {plan.unreadable}")
-    batches = list(engine.loader(records, plan))  # decoded once, outside every timing
-    shapes = {tuple(batch["images"].shape[-2:]) for batch in batches}
     n = len(records)
-    print(f"\n{name}: {n} images, max_size {max_size}, {len(shapes)} distinct shapes, {len(batches)} batches "
-          f"(batch size {batch_size})")
-
-    def extract() -> None:
-        extraction = engine.extract(records, source)
-        assert extraction.valid.all(), extraction.skipped
-
-    def forward() -> None:
-        with torch.inference_mode():
-            for batch in batches:
-                network(batch["images"])
+    runs = {}
+    for size in batch_sizes:
+        engine = ExtractionEngine(network, batch_size=size, num_workers=0, progress=False)
+        batches = list(engine.loader(records, plan))  # decoded once, outside every timing
+        shapes = {tuple(batch["images"].shape[-2:]) for batch in batches}
+        print(f"\n{name}: {n} images, max_size {max_size}, {len(shapes)} distinct shapes, {len(batches)} batches "
+              f"of up to {size}")
+        runs[f"extract b{size}"] = lambda engine=engine: _check(engine.extract(records, source))
+        runs[f"forward b{size}"] = lambda batches=batches: _forward(network, batches)
+        if lightning:
+            runs[f"predict b{size}"] = lambda engine=engine: _predict(engine, records, source)
 
     def naive() -> None:
         with torch.inference_mode():
             for record in records:
                 network(load_image(record.path, max_size)[None])
 
+    runs["naive"] = naive
     rows = []
     for count in threads:
         torch.set_num_threads(count)
         print(f" {count} torch thread(s), {repeats} interleaved rounds after 1 warm-up round:")
-        timings = interleave({"extract": extract, "forward": forward, "naive": naive}, repeats)
-        print_times("(a) engine.extract", timings["extract"], n)
-        print_times("(b) forward only (decoded)", timings["forward"], n)
-        print_times("(c) naive batch-1 loop", timings["naive"], n)
-        vs_forward = print_ratio("extract/forward images/s", timings["extract"], timings["forward"],
-                                 ">= 0.85", invert=True)
-        vs_naive = print_ratio("extract/naive images/s", timings["extract"], timings["naive"], invert=True)
-        rows.append((name, count, n / statistics.median(timings["extract"]), *vs_forward, *vs_naive))
+        timings = interleave(runs, repeats)
+        for label, seconds in timings.items():
+            print_times(label, seconds, n)
+        naive_target = ">= 1.0" if count == 1 else ">= 1.3"
+        for size in batch_sizes:
+            extract = timings[f"extract b{size}"]
+            vs_forward = print_ratio(f"b{size} extract/forward", extract, timings[f"forward b{size}"], ">= 0.95",
+                                     invert=True)
+            vs_naive = print_ratio(f"b{size} extract/naive", extract, timings["naive"], naive_target, invert=True)
+            if lightning:
+                print_ratio(f"b{size} predict/extract", timings[f"predict b{size}"], extract, invert=True)
+            rows.append((name, count, size, n / statistics.median(extract), *vs_forward, *vs_naive))
+        for size in batch_sizes[1:]:
+            print_ratio(f"extract b{size}/b{batch_sizes[0]}", timings[f"extract b{size}"],
+                        timings[f"extract b{batch_sizes[0]}"], invert=True)
     return rows
+
+
+def _check(extraction) -> None:
+    assert extraction.valid.all(), extraction.skipped
+
+
+def _forward(network: RetrievalNetwork, batches: list[dict]) -> None:
+    with torch.inference_mode():
+        for batch in batches:
+            network(batch["images"])
+
+
+def _predict(engine: ExtractionEngine, records: list, source: ImageSource) -> None:
+    """The engine under a one-process CPU `Trainer`, as `hetretrieval-eval` runs it when Lightning drives."""
+    import pytorch_lightning as pl
+
+    from hetretrieval.extraction.lightning import ExtractionModule
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # not "GPU available: ..." every round
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, enable_progress_bar=False, use_distributed_sampler=False)
+    module = ExtractionModule(engine, records, ImagePlan.scan(records, source))
+    trainer.predict(module, return_predictions=False)
+    _check(module.extraction)
 
 
 def main() -> None:
@@ -113,7 +150,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts")
     parser.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (after 1 warm-up)")
     parser.add_argument("--per-class", type=int, default=8, help="pacs-dev images per domain x class")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[ExtractionOptions().batch_size],
+                        help="extraction batch sizes to time (default: the configured default)")
+    parser.add_argument("--lightning", action="store_true", help="also time the Lightning predict path")
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding pacs-dev and heritage-wild")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 4 pacs images per domain x class")
     args = parser.parse_args()
@@ -124,14 +163,14 @@ def main() -> None:
     print(f"{args.backbone} + GeM, scales (1.0,), device cpu, threads {args.threads}; times are wall seconds "
           f"per pass over the dataset; ratios are of images/s (the inverse ratio of the times)")
     rows = bench("pacs-dev", pacs_subset(args.data / "pacs-dev", args.per_class), 800, network,
-                 args.batch_size, args.threads, args.repeats)
+                 args.batch_size, args.threads, args.repeats, args.lightning)
     rows += bench("heritage-wild", heritage_wild(args.data / "heritage-wild"), 512, network,
-                  args.batch_size, args.threads, args.repeats)
+                  args.batch_size, args.threads, args.repeats, args.lightning)
     print("\nsummary (ratios of images/s: of mins / of medians)")
-    print(f"  {'dataset':<14} {'threads':>7} {'extract img/s (median)':>23} {'extract/forward':>17} "
+    print(f"  {'dataset':<14} {'threads':>7} {'batch':>5} {'extract img/s (median)':>23} {'extract/forward':>17} "
           f"{'extract/naive':>15}")
-    for name, count, rate, fwd_min, fwd_med, naive_min, naive_med in rows:
-        print(f"  {name:<14} {count:>7} {rate:>23.1f} {fwd_min:>8.3f}/{fwd_med:<8.3f} "
+    for name, count, size, rate, fwd_min, fwd_med, naive_min, naive_med in rows:
+        print(f"  {name:<14} {count:>7} {size:>5} {rate:>23.1f} {fwd_min:>8.3f}/{fwd_med:<8.3f} "
               f"{naive_min:>7.3f}/{naive_med:<7.3f}")
 
 

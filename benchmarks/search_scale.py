@@ -15,9 +15,10 @@ Sections (each in its own process, so that its peak RSS is its own):
   exact_100k    100k database, a measured query sample, D=512 and 2048: `evaluate_retrieval` (and the BASELINE
                 on a smaller sample), extrapolated to 100k queries, and the section's peak RSS.
   ivfpq_1m      1M database, D=512 (1M x 2048 float32 is 8 GB: too much for this machine's shared 24 GB), 1k
-                queries: exact top-100 (`similarity_batches` + `stable_top_k`) against IVF-PQ (short-list 1000,
-                exactly re-scored, `approximate_rankings`): recall@100 against exact, search time ratio, index
-                size against the flat float32 vectors; the same on GPU when faiss sees one (else said so).
+                queries: exact top-100 (`similarity_batches` + `stable_top_k`) against IVF-PQ (a short-list of
+                1000, `--shortlist`, exactly re-scored, `approximate_rankings`): recall@100 against exact, search
+                time ratio, index size against the flat float32 vectors; the same on GPU when faiss sees one
+                (else said so).
 
     .venv/bin/python benchmarks/search_scale.py            # every section (~10 min idle)
     .venv/bin/python benchmarks/search_scale.py --quick    # smoke run: small sizes (~1 min)
@@ -161,7 +162,7 @@ def ivfpq_1m(args) -> None:
     import faiss
 
     n_database, n_queries = (100_000, 200) if args.quick else (1_000_000, 1000)
-    dim, shortlist, top = args.dim, 1000, 100
+    dim, shortlist, top = args.dim, args.shortlist, 100
     database, _ = clustered(n_database, dim, seed=7)
     queries, _ = clustered(n_queries, dim, seed=8, n_clusters=n_database // 100)  # the database's clusters
     print(f"\n== ivfpq_1m: {n_database} database x {n_queries} queries, D={dim}, short-list {shortlist}, top {top}")
@@ -197,7 +198,7 @@ def ivfpq_1m(args) -> None:
                                                                         strict=True)])
     print(f"  recall@{top} against exact: {recall:.4f} (target >= 0.95)")
     print(f"  peak RSS of the section: {peak_rss_gb():.2f} GB")
-    gpu_index, device = on_gpus(index)
+    gpu_index, device = on_gpus(index, shortlist + 1)
     if device != "gpu":
         print("  GPU: skipped (faiss sees no GPU here)")
         return
@@ -213,7 +214,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample", type=int, default=1000, help="exact_100k: queries measured")
     parser.add_argument("--ivf-lists", type=int, default=None, help="ivfpq_1m: null: the default for N")
-    parser.add_argument("--nprobe", type=int, default=None, help="ivfpq_1m: null: the default (lists / 16)")
+    parser.add_argument("--nprobe", type=int, default=None, help="ivfpq_1m: null: the default (lists / 64)")
+    parser.add_argument("--shortlist", type=int, default=1000, help="ivfpq_1m: candidates re-scored exactly "
+                        "(evaluation.shortlist, its default; 300 is enough for the top-100 alone)")
     parser.add_argument("--dim", type=int, default=None, help="before_after / exact_100k: one D (default 512 and "
                         "2048; 512 alone with --quick)")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
@@ -230,6 +233,7 @@ def main() -> None:
             command += ["--quick"] * args.quick
             command += ["--ivf-lists", str(args.ivf_lists)] if args.ivf_lists else []
             command += ["--nprobe", str(args.nprobe)] if args.nprobe else []
+            command += ["--shortlist", str(args.shortlist)]
             subprocess.run(command, check=True)
 
 

@@ -252,6 +252,7 @@ def _build_trainer(compose, option, lite0, tmp_path):
     cfg = compose()
     if option == "ddp":
         assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy) == ("gpu", -1, "ddp")
+        assert cfg.trainer.num_nodes == 1  # trainer.num_nodes=<n> for a multi-node job (README "Running on a cluster")
         if not torch.cuda.is_available():
             pytest.skip("trainer=ddp needs GPUs")
     trainer = instantiate(cfg.trainer, logger=False)

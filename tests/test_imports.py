@@ -89,3 +89,36 @@ def test_importing_the_engine_and_the_models_loads_neither_faiss_nor_matplotlib(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == ""
+
+
+CLI = sorted(p.stem for p in (SOURCE / "cli").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", CLI)
+def test_entry_points_import_and_answer_help_without_torch(module):
+    """`--help` (and so the module import) loads neither torch nor Lightning nor timm: it answers in about a
+    second, not the 6-12 s those cost (benchmarks/startup.py)."""
+    code = ("import atexit, sys; atexit.register(lambda: print('loaded:' + ','.join(m for m in "
+            "('torch', 'pytorch_lightning', 'timm', 'scipy.stats') if m in sys.modules))); "
+            f"sys.argv = ['{module}', '--help']; from hetretrieval.cli.{module} import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "== Config groups" in done.stdout and done.stdout.splitlines()[-1] == "loaded:"
+
+
+def test_a_one_process_evaluation_runs_without_lightning(tmp_path, cache_dir):
+    """The default trainer (one process, one device) runs the engine's own loop: no Lightning import before
+    the results (none at all without a logger), and `summary.json` names the device as Lightning did."""
+    from conftest import TINY_BUILTIN
+
+    overrides = [*TINY_BUILTIN, "~logger", "cache=false", "evaluation.report=false",
+                 f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"]
+    code = ("import sys; from hetretrieval import evaluate; "
+            f"summary = evaluate({overrides!r}); "
+            "print(summary['device'], summary['counts']['described'], 'pytorch_lightning' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import torch
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # Lightning's names (CUDA before MPS: no Mac here)
+    assert done.stdout.split()[-3:] == [device, "12", "False"]

@@ -53,7 +53,11 @@ def build_loggers(cfg: DictConfig, run_name: str, save_dir: str | None = None, g
             options["group"] = group
         if wandb and tags and not node.get("tags"):
             options["tags"] = tags
-        loggers.append(instantiate(node, **options))
+        logger = instantiate(node, **options)
+        if wandb and getattr(logger, "_wandb_init", {}).get("anonymous", False) is None:
+            # Lightning always passes `anonymous`, even unset; wandb >= 0.2x then warns on every run
+            del logger._wandb_init["anonymous"]
+        loggers.append(logger)
     return loggers
 
 

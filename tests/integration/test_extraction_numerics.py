@@ -51,6 +51,36 @@ def test_exact_fp32_is_the_plain_forward_bit_for_bit(records, network, exact):
     np.testing.assert_allclose(exact.descriptors["gem"], single, atol=1e-5)
 
 
+def test_lightning_predict_reads_ahead_and_matches_extract(records, network, exact, monkeypatch):
+    """`ExtractionModule` iterates the engine's own read-ahead batches: images are decoded in the background
+    thread (torch on fewer threads than cores), not in Lightning's loop; descriptors are `extract`'s bit for bit."""
+    import threading
+
+    import pytorch_lightning as pl
+
+    from hetretrieval.extraction.batching import ImageFileDataset
+    from hetretrieval.extraction.engine import _cpu_cores
+    from hetretrieval.extraction.lightning import ExtractionModule
+
+    if _cpu_cores() < 2:
+        pytest.skip("one CPU core: decoding never overlaps the forward, so it is not read ahead")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a core left free: the engine reads ahead
+    decoded_in = set()
+    read = ImageFileDataset.__getitem__
+
+    def spy(self, index):
+        decoded_in.add(threading.current_thread().name)
+        return read(self, index)
+
+    monkeypatch.setattr(ImageFileDataset, "__getitem__", spy)
+    module = ExtractionModule(ExtractionEngine(network, batch_size=4, progress=False), records,
+                              ImagePlan.scan(records, ImageSource(MAX_SIZE)))
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+               enable_progress_bar=False, use_distributed_sampler=False).predict(module, return_predictions=False)
+    assert decoded_in == {"hetretrieval-decode"}
+    assert module.extraction.valid.all()
+    np.testing.assert_array_equal(module.extraction.descriptors["gem"], exact.descriptors["gem"])
+
 def test_bf16_autocast_stays_close_to_fp32(records, network, exact):
     bf16 = ExtractionEngine(network, batch_size=4, progress=False, precision="bf16").extract(
         records, ImageSource(MAX_SIZE))

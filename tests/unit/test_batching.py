@@ -73,18 +73,39 @@ def test_aspect_shape_keeps_capped_longer_side_and_snaps_to_stride():
 def test_read_ahead_yields_in_order_and_reraises_errors():
     import pytest
 
-    from hetretrieval.extraction.engine import _read_ahead
+    from hetretrieval.extraction.engine import ReadAhead
 
-    assert list(_read_ahead(iter(range(7)), depth=2)) == list(range(7))
+    ahead = ReadAhead(range(7), depth=2)
+    assert len(ahead) == 7 and list(ahead) == list(range(7)) and list(ahead) == list(range(7))  # re-iterable
 
-    def failing():
-        yield 1
-        raise ValueError("bad batch")
+    class Failing:
+        def __len__(self):
+            return 2
 
-    reader = _read_ahead(failing(), depth=2)
+        def __iter__(self):
+            yield 1
+            raise ValueError("bad batch")
+
+    reader = iter(ReadAhead(Failing(), depth=2))
     assert next(reader) == 1
     with pytest.raises(ValueError, match="bad batch"):
         next(reader)
-    abandoned = _read_ahead(iter(range(100)), depth=1)
+    abandoned = iter(ReadAhead(range(100), depth=1))
     assert next(abandoned) == 0
     abandoned.close()  # the producer thread ends instead of blocking on a full queue
+
+
+def test_decoding_is_read_ahead_only_when_a_core_is_free(monkeypatch):
+    """With torch's threads on every core a decoding thread stalls them, so the engine then decodes in line."""
+    from hetretrieval.extraction.batching import ImagePlan, ImageSource
+    from hetretrieval.extraction.engine import ExtractionEngine, ReadAhead, _cpu_cores
+    from hetretrieval.models.local.orb import OrbExtractor
+
+    engine = ExtractionEngine(None, {"orb": OrbExtractor()})
+    plan = ImagePlan.scan([], ImageSource())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: _cpu_cores())
+    assert not isinstance(engine.batches([], plan), ReadAhead)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: _cpu_cores() - 1)
+    assert isinstance(engine.batches([], plan), ReadAhead)
+    assert not isinstance(ExtractionEngine(None, {"orb": OrbExtractor()}, num_workers=1).batches([], plan),
+                          ReadAhead)  # worker processes decode instead

@@ -210,3 +210,20 @@ def test_heatmap_png(tmp_path):
     matrix = correlation_matrix(correlate(predominance, performance, n_resamples=50))
     path = plot_correlation_heatmap(matrix, tmp_path / "fig" / "heatmap.png", title="r")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("columns", [("gem", "mac"), ("max_size=128,limit_predict_batches=1.0", "b")])
+def test_heatmap_cuts_off_no_title_or_label(tmp_path, columns):
+    """Long run names and a title wider than the cells: the layout fits them (no warning), nothing at the edge."""
+    from PIL import Image
+
+    table = Table("variation", ("ageing", "off_centre_crop", "overall"), columns, [[0.1, -0.9], [0.5, np.nan],
+                                                                                   [-0.3, 0.2]])
+    title = "Pearson r between per-class mAP and variation predominance"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "constrained_layout not applied because axes sizes collapsed"
+        path = plot_correlation_heatmap(table, tmp_path / "heatmap.png", title=title)
+    pixels = np.asarray(Image.open(path).convert("L"))
+    border = np.concatenate([pixels[:3].ravel(), pixels[-3:].ravel(), pixels[:, :3].ravel(), pixels[:, -3:].ravel()])
+    assert border.min() == 255  # every title, label and cell is inside the picture
+    assert (pixels[:40] < 128).any()  # the title is drawn, at the top

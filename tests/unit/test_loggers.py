@@ -80,6 +80,7 @@ def test_build_loggers_tags_and_names_wandb_runs_outside_a_multirun(tmp_path):
     (logger,) = build_loggers(cfg, "gem-pacs")
     assert (logger._wandb_init["name"], logger._wandb_init["group"]) == ("gem-pacs", "eval")
     assert logger._wandb_init["tags"] == ["baseline", "pacs"]
+    assert "anonymous" not in logger._wandb_init  # unset: wandb would warn "no effect" on every run
     (logger,) = build_loggers(cfg, "gem-pacs", group="parent", head="gem")  # a head of a multi-head run
     assert (logger._wandb_init["name"], logger._wandb_init["group"]) == ("gem-pacs", "parent")
     cfg.tags = 3

@@ -15,11 +15,13 @@ import torch
 from hetretrieval.errors import ConfigError
 from hetretrieval.models.local.ransac import (
     GeometricVerifier,
+    RansacResult,
     _sample_without_replacement,
     fit_affine,
     fit_homography,
     pad_correspondences,
     ransac_batched,
+    refine_models,
     required_iterations,
     transfer_error,
 )
@@ -93,6 +95,31 @@ def test_fits_are_exact_on_minimal_sets_and_ignore_zero_weights(fit, model, size
     weights[:size] = 1
     fitted = fit(torch.from_numpy(src), torch.from_numpy(dst), weights).numpy()
     np.testing.assert_allclose(fitted / fitted[2, 2], model, rtol=1e-6, atol=1e-9)
+
+
+def test_affine_refit_is_least_squares_on_the_inliers():
+    """`refine_models` (affine) against numpy's lstsq on each pair's inliers; fewer than 3 keep their model.
+    The opencv backend's refit of the concatenated pairs gives the same inliers as the padded one."""
+    pairs = [synthetic_pair(AFFINE, n, 0.3, seed)[:2] for seed, n in enumerate([80, 150, 2, 40])]
+    src, dst, valid = pad_correspondences(pairs)
+    rough = ransac_batched(src, dst, valid, "affine", THRESHOLD, iterations=200, refine=False)
+    refined = refine_models(src, dst, valid, rough, "affine", THRESHOLD)
+    for row, (points_src, points_dst) in enumerate(pairs):
+        inliers = rough.inliers[row, : len(points_src)].numpy()
+        if inliers.sum() < 3:
+            assert torch.equal(refined.models[row], rough.models[row])
+            continue
+        design = np.c_[points_src[inliers], np.ones(inliers.sum())].astype(np.float64)
+        solution = np.linalg.lstsq(design, points_dst[inliers].astype(np.float64), rcond=None)[0]  # (3, 2)
+        np.testing.assert_allclose(refined.models[row, :2].numpy(), solution.T, rtol=1e-7, atol=1e-7)
+    found = [ransac_opencv(points_src, points_dst, "affine", THRESHOLD, 1000) for points_src, points_dst in pairs]
+    masks = np.zeros(valid.shape, dtype=bool)
+    masks[valid.numpy()] = np.concatenate([mask for mask, _ in found])
+    opencv = RansacResult(torch.from_numpy(masks), torch.from_numpy(np.stack([model for _, model in found])))
+    padded = refine_models(src, dst, valid, opencv, "affine", THRESHOLD).inliers
+    verified = GeometricVerifier(threshold=THRESHOLD, backend="opencv")(pairs)
+    for row, mask in enumerate(verified):
+        np.testing.assert_array_equal(mask, padded[row, : len(mask)].numpy())
 
 
 def test_transfer_error_hand_computed():

@@ -8,10 +8,12 @@ import pytest
 
 from hetretrieval.errors import ConfigError
 from hetretrieval.index.search import (
+    GPU_MAX_K,
     approximate_parameters,
     approximate_rankings,
     build_approximate_index,
     iter_rankings,
+    on_gpus,
     select_rows,
     similarity_batches,
     stable_top_k,
@@ -168,3 +170,44 @@ def test_consecutive_rows_are_selected_as_a_view():
     np.testing.assert_array_equal(view, descriptors[3:8])
     np.testing.assert_array_equal(copy, descriptors[[1, 4, 5]])
     assert select_rows(descriptors, np.arange(0)).shape == (0, 4)
+
+
+class _FakeGpuFaiss:
+    """faiss as faiss-gpu with `gpus` GPUs: moving an index wraps it, or raises like an unsupported index."""
+
+    def __init__(self, gpus, fails=False):
+        self.gpus, self.fails = gpus, fails
+
+    def get_num_gpus(self):
+        return self.gpus
+
+    def index_cpu_to_all_gpus(self, index):
+        if self.fails:
+            raise RuntimeError("Error in index_cpu_to_gpu: not implemented for this type of index\nmore")
+        return ("on gpus", index)
+
+
+@pytest.mark.parametrize("gpus, fails, k, gpu, expected", [
+    (0, False, 100, "auto", "cpu"),
+    (1, False, 100, "auto", "gpu"),
+    (1, False, 100, "false", "cpu"),
+    (1, False, GPU_MAX_K, "true", "gpu"),
+    (1, False, GPU_MAX_K + 1, "auto", "cpu"),  # beyond the GPU's k-selection: searched on the CPU
+    (1, True, 100, "auto", "cpu"),  # an index the GPU kernels cannot hold
+])
+def test_on_gpus_moves_only_what_the_gpu_can_search(monkeypatch, caplog, gpus, fails, k, gpu, expected):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", _FakeGpuFaiss(gpus, fails))
+    index, device = on_gpus("index", k, gpu)
+    assert device == expected
+    assert index == (("on gpus", "index") if expected == "gpu" else "index")
+    assert ("stays on the CPU" in caplog.text) == (gpus > 0 and gpu != "false" and expected == "cpu")
+
+
+def test_on_gpus_refuses_a_required_gpu_that_is_absent(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", _FakeGpuFaiss(0))
+    with pytest.raises(ConfigError, match="faiss.gpu=true but faiss sees no GPU"):
+        on_gpus("index", 10, "true")

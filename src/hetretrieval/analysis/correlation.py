@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from scipy import stats
 
 from hetretrieval.analysis.figures import save_figure
 from hetretrieval.errors import ConfigError, DataError
@@ -186,6 +185,9 @@ def correlate(
         names = [*np.array(predominance.columns)[constant_x], *np.array(performance.columns)[constant_y]]
         warnings.warn(f"constant columns have undefined correlations (NaN): {', '.join(names)}",
                       CorrelationWarning, stacklevel=2)
+    # scipy.stats costs 1.3 s of import: loaded when correlating, not by every run that imports this module
+    from scipy import stats
+
     ci_low, ci_high = bootstrap_pearson_ci(x, y, n_resamples, confidence, seed)
     results = []
     for v, variation in enumerate(predominance.columns):
@@ -245,7 +247,7 @@ def plot_table_heatmap(
     from matplotlib.figure import Figure
 
     n_rows, n_cols = table.values.shape
-    figure = Figure(figsize=(1.5 + 0.9 * n_cols, 1.0 + 0.45 * n_rows), layout="constrained")
+    figure = Figure(layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     low, high = value_range
@@ -258,9 +260,38 @@ def plot_table_heatmap(
         axes.text(col, row, text, ha="center", va="center", fontsize=8,
                   color="white" if _dark_cell(value, low, high, diverging) else "black")
     figure.colorbar(image, ax=axes, label=label)
-    if title:
-        axes.set_title(title)
+    # a title centred on the figure, which is sized to hold it (centred over narrower axes, it could spill out)
+    suptitle = figure.suptitle(title) if title else None
+    figure.set_size_inches(_heatmap_size(figure, axes, suptitle, n_rows, n_cols))
     return save_figure(figure, path, dpi=150)
+
+
+CELL_INCHES = (0.9, 0.45)  # width, height of one annotated cell
+COLORBAR_INCHES = 1.3  # the colour bar with its ticks and label
+PAD_INCHES = 0.3
+
+
+def _heatmap_size(figure, axes, title, n_rows: int, n_cols: int) -> tuple[float, float]:
+    """Figure inches that fit the cells and the measured labels and title, so that constrained layout cuts
+    nothing off (long run names as columns, a title wider than the cells). Column labels, rotated, end at their
+    tick: the first ones can reach further left than the row labels."""
+    renderer = figure.canvas.get_renderer()
+
+    def size(text) -> tuple[float, float]:
+        """A text's drawn (width, height) in inches; (0, 0) for none."""
+        if text is None or not text.get_text():
+            return 0.0, 0.0
+        box = text.get_window_extent(renderer)
+        return box.width / figure.dpi, box.height / figure.dpi
+
+    cell_width, cell_height = CELL_INCHES
+    row_labels = max((size(text)[0] for text in axes.get_yticklabels()), default=0.0) + 0.1  # + tick marks
+    columns = [size(text) for text in axes.get_xticklabels()]
+    overhang = max((width - (col + 0.5) * cell_width for col, (width, _) in enumerate(columns)), default=0.0)
+    title_width, title_height = size(title)
+    width = max(max(row_labels, overhang) + n_cols * cell_width + COLORBAR_INCHES, title_width)
+    height = n_rows * cell_height + max((h for _, h in columns), default=0.0) + title_height
+    return width + 2 * PAD_INCHES, height + 2 * PAD_INCHES
 
 
 def _dark_cell(value: float, low: float, high: float, diverging: bool) -> bool:

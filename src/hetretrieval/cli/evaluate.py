@@ -73,12 +73,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
     test_time_whitening = _whitening_options(cfg)  # checked before any weight or image is read
     if test_time_whitening is not None and cfg.get("from_run"):
         raise ConfigError("from_run re-scores saved descriptors as they are: drop whitening=")
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
     from hetretrieval.evaluation.run_files import claim_output_dir, release_output_dir
 
     # under a DDP launcher every rank runs this function; only rank 0 writes (and so claims) the folder
-    output_dir = claim_output_dir(cfg.paths.output_dir) if rank_zero_only.rank == 0 else Path(cfg.paths.output_dir)
+    output_dir = claim_output_dir(cfg.paths.output_dir) if _global_rank() == 0 else Path(cfg.paths.output_dir)
     try:
         if cfg.get("from_run"):
             from hetretrieval.evaluation.rescore import rescore_run
@@ -94,20 +92,18 @@ def evaluate(cfg: DictConfig) -> dict | None:
 
 def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluation: EvaluationOptions,
                            output_dir: Path) -> dict | None:
-    import pytorch_lightning as pl
-
     from hetretrieval.evaluation.run import RunEvaluation
     from hetretrieval.evaluation.scoring import LocalScoring
     from hetretrieval.extraction.batching import ImagePlan, ImageSource
     from hetretrieval.extraction.engine import ExtractionEngine, default_device
-    from hetretrieval.extraction.lightning import ExtractionModule
     from hetretrieval.extraction.store import CachedHeads, DescriptorStore, extraction_fingerprint
     from hetretrieval.index.local import LocalSearchOptions
     from hetretrieval.models.checkpoints import load_fine_tuned
     from hetretrieval.models.factory import build_head, build_heads
     from hetretrieval.models.network import RetrievalNetwork
+    from hetretrieval.seeding import seed_everything
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed_everything(cfg.seed)
     nodes = head_nodes(cfg)
     rerank = cfg.get("rerank")
     local_search = typed(OmegaConf.create(OmegaConf.to_container(cfg.local_search, resolve=True)),
@@ -168,9 +164,11 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
                                     options.precision, options.channels_last)
     cache = CachedHeads(store, {name: store.key(shared, name, head, whitening.get(name))
                                 for name, head in {**global_heads, **local}.items()}, len(dataset))
-    trainer = instantiate(cfg.trainer, logger=False) if cache.missing else None
+    # one process on one device: the engine's own loop; Lightning's Trainer for anything else (DDP, fast_dev_run...)
+    trainer = instantiate(cfg.trainer, logger=False) if cache.missing and _needs_trainer(cfg.trainer) else None
     facts = {"backbone": backbone.model_name, "scales": list(options.scales), "max_size": options.max_size,
-             "device": str(trainer.strategy.root_device) if trainer is not None else None}
+             "device": (str(trainer.strategy.root_device) if trainer is not None
+                        else _device_name(device) if cache.missing else None)}
     if getattr(backbone, "layer", None) is not None:
         facts["layer"] = backbone.layer
     if len(options.scales) > 1:
@@ -178,7 +176,7 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
     specs = _specs(built, nodes, local, whitening, rerank_name, whitening_facts)
     run = RunEvaluation(output_dir, dataset, specs, evaluation, facts,
                         LocalScoring(verifier, local_search, rerank.top_k if rerank else None), cache, cfg)
-    if trainer is None:
+    if not cache.missing:
         log.info("descriptor cache hit for %s: nothing to extract", ", ".join(cache.hits))
         return run(None)
     missing = {n: h for n, h in global_heads.items() if n in cache.missing}
@@ -187,8 +185,48 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
                               {n: h for n, h in local.items() if n in cache.missing},
                               options.batch_size, options.num_workers, precision=options.precision,
                               channels_last=options.channels_last, pin_memory=options.pin_memory)
-    trainer.predict(ExtractionModule(engine, dataset.records, plan, on_extracted=run), return_predictions=False)
+    if trainer is None:
+        return run(engine.to(device).extract(dataset.records, plan)) or None
+    from hetretrieval.extraction.lightning import ExtractionModule
+
+    # under DDP each rank's shard goes to the store (or, with cache=false, to the run folder): ShardSet
+    trainer.predict(ExtractionModule(engine, dataset.records, plan, on_extracted=run, shards=cache.shards(output_dir)),
+                    return_predictions=False)
     return run.summaries or None
+
+
+# trainer options under which `trainer.predict` is the engine's own loop on one device, and the values that keep
+# it so (accelerator auto: Lightning's choice and `default_device`'s agree on CUDA, MPS and CPU-only machines)
+_ONE_PROCESS = {"_target_": ("pytorch_lightning.Trainer",), "accelerator": ("auto", "cpu"), "devices": (1, "1"),
+                "num_nodes": (1,), "strategy": ("auto",), "precision": ("32-true", "32", 32),
+                "default_root_dir": None, "use_distributed_sampler": None, "inference_mode": None,
+                "enable_checkpointing": None, "enable_model_summary": None, "enable_progress_bar": None}
+
+
+def _needs_trainer(node: DictConfig) -> bool:
+    """Whether the `trainer` config asks for more than one process on one device (then Lightning runs it)."""
+    return any(key not in _ONE_PROCESS or (_ONE_PROCESS[key] is not None and value not in _ONE_PROCESS[key])
+               for key, value in node.items())
+
+
+def _device_name(device) -> str:
+    """`device` as Lightning's single-device strategy names it in `summary.json` (`cuda:0`, `mps:0`, `cpu`)."""
+    import torch
+
+    device = torch.device(device)
+    return str(device if device.type == "cpu" or device.index is not None else torch.device(device.type, 0))
+
+
+def _global_rank() -> int:
+    """This process's rank under a DDP launcher, 0 otherwise: Lightning's `rank_zero_only.rank` once Lightning
+    has set it, else read from the launcher's environment as Lightning reads it (without importing Lightning)."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", None)
+    if rank is None:
+        keys = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+        rank = next((int(os.environ[key]) for key in keys if key in os.environ), 0)
+    return int(rank)
 
 
 def _whitening_options(cfg: DictConfig):

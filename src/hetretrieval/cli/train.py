@@ -12,9 +12,9 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -28,22 +28,21 @@ from hetretrieval.config import (
     typed,
 )
 from hetretrieval.errors import ConfigError, HetRetrievalError
-from hetretrieval.evaluation.run import evaluate_engine
-from hetretrieval.extraction.batching import ImageSource
-from hetretrieval.loggers import build_loggers, logged_run
-from hetretrieval.models.checkpoints import architecture_from_config, read_torch_file
-from hetretrieval.models.factory import build_head
-from hetretrieval.training.datamodule import TrainingDataModule, holdout_split
-from hetretrieval.training.module import FineTuningModule
-from hetretrieval.training.optimization import OptimizerOptions
-from hetretrieval.training.resume import RunIdentity, checkpoint_wandb_run_id, resolve_resume
-from hetretrieval.training.whitening_fit import WhiteningOptions, fit_whitening
+
+if TYPE_CHECKING:  # torch and Lightning load in the functions: `--help` answers without them
+    from hetretrieval.training.datamodule import TrainingDataModule
+    from hetretrieval.training.module import FineTuningModule
 
 log = logging.getLogger(__name__)
 
 
 def build_module(cfg: DictConfig) -> FineTuningModule:
     """The module to fine-tune, from the backbone, pooling, loss, miner, optimizer and augmentation groups."""
+    from hetretrieval.models.checkpoints import architecture_from_config
+    from hetretrieval.models.factory import build_head
+    from hetretrieval.training.module import FineTuningModule
+    from hetretrieval.training.optimization import OptimizerOptions
+
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     architecture = architecture_from_config(cfg.backbone, cfg.pooling)  # refuses what a checkpoint cannot name
     loss = instantiate(cfg.loss)
@@ -60,6 +59,8 @@ def build_module(cfg: DictConfig) -> FineTuningModule:
 
 def build_datamodule(cfg: DictConfig) -> TrainingDataModule:
     """Training split (crops, mined examples) and validation split of `cfg.dataset`."""
+    from hetretrieval.training.datamodule import TrainingDataModule, holdout_split
+
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     validation = cfg.validation
     train_set, val_set = holdout_split(instantiate(cfg.dataset), validation.fraction, cfg.seed,
@@ -72,6 +73,9 @@ def build_datamodule(cfg: DictConfig) -> TrainingDataModule:
 def test(module: FineTuningModule, cfg: DictConfig, variant: str) -> dict[str, dict]:
     """Evaluate `module` on every `test.datasets` entry (none when it is empty or null: `test.datasets={}` or
     `~test.datasets` drop an experiment's); result files under `<output_dir>/test/<name>/<variant>`."""
+    from hetretrieval.evaluation.run import evaluate_engine
+    from hetretrieval.extraction.batching import ImageSource
+
     extraction = typed(cfg.extraction, ExtractionOptions, "extraction")
     evaluation = typed(cfg.evaluation, EvaluationOptions, "evaluation")
     source = ImageSource(extraction.max_size, extraction.max_pixels)
@@ -88,6 +92,13 @@ def test(module: FineTuningModule, cfg: DictConfig, variant: str) -> dict[str, d
 def train(cfg: DictConfig) -> dict:
     """Fit and test as the module docstring says; returns the report written to `train_summary.json`:
     best checkpoint, off-the-shelf and best validation mAP, `test: {variant: {dataset: {mAP, class_mAP}}}`."""
+    import pytorch_lightning as pl
+
+    from hetretrieval.loggers import build_loggers, logged_run
+    from hetretrieval.models.checkpoints import read_torch_file
+    from hetretrieval.training.resume import RunIdentity, checkpoint_wandb_run_id, resolve_resume
+    from hetretrieval.training.whitening_fit import WhiteningOptions, fit_whitening
+
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     whitening = typed(cfg.whitening, WhiteningOptions, "whitening")

@@ -9,14 +9,10 @@ import logging
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from hetretrieval.config import CONFIG_DIR, instantiate
 from hetretrieval.errors import HetRetrievalError
-from hetretrieval.loggers import build_loggers, logged_run
-from hetretrieval.models.local.pipeline import StageFeatures
-from hetretrieval.training.attention import AttentionTraining, LabelledCrops
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +21,12 @@ ATTENTION_CHECKPOINT = "attention.pt"
 
 def train_attention(cfg: DictConfig) -> Path:
     """Fit the attention as the config says; returns the path of the saved scorer."""
+    import pytorch_lightning as pl  # torch and Lightning load here: `--help` answers without them
+
+    from hetretrieval.loggers import build_loggers, logged_run
+    from hetretrieval.models.local.pipeline import StageFeatures
+    from hetretrieval.training.attention import AttentionTraining, LabelledCrops
+
     pl.seed_everything(cfg.seed, workers=True)
     dataset = instantiate(cfg.dataset)
     backbone = instantiate(cfg.backbone)

@@ -4,14 +4,18 @@ Every class is one photograph plus `variants_per_class` copies of it, each alter
 random strength (`data/variations.py`), so retrieval must see through exactly the changes heritage collections
 show: colour domain, orientation, scale, positioning, blur, ageing, occlusion. Each image carries the strength
 of every variation as metadata, which the analysis can break results down by. The images are written once to a
-cache folder keyed by the generation parameters and then read like any CSV-manifest dataset.
+cache folder keyed by the generation parameters (generated aside and renamed into place, so that parallel jobs
+never read half of it) and then read like any CSV-manifest dataset.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import logging
+import os
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,8 +26,11 @@ import torch.nn.functional as F
 from hetretrieval.data.datasets import RetrievalDataset, csv_manifest
 from hetretrieval.data.images import resized_shape, save_image
 from hetretrieval.data.variations import VARIATIONS, apply_variation, get_variation
-from hetretrieval.errors import ConfigError
+from hetretrieval.errors import ConfigError, DataError
+from hetretrieval.files import write_csv
 from hetretrieval.seeding import mix_seed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -86,12 +93,40 @@ def generate_benchmark(
             rows.append({"filename": filename, "label": photo,
                          "variations": "+".join(name for name, _ in steps) or "original",
                          **{name: f"{strengths.get(name, 0.0):.3f}" for name in variations}})
-    with (output_dir / "manifest.csv.tmp").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (output_dir / "manifest.csv.tmp").replace(output_dir / "manifest.csv")  # complete only when fully written
-    return output_dir / "manifest.csv"
+    return write_csv(output_dir / "manifest.csv", list(rows[0]), [list(row.values()) for row in rows])
+
+
+def _generate_into_place(folder: Path, **options) -> None:
+    """Generate the benchmark into a folder unique to this process, then rename it to `folder` in one step.
+
+    Parallel jobs on a fresh cache (a launcher's sweep) each generate; the first rename wins and the others use
+    its folder. A `folder` without `manifest.csv` is what an older version's interrupted in-place generation
+    left: moved aside (one process wins that rename too) and replaced.
+    """
+    partial, stale = (folder.with_name(f".{folder.name}.{os.getpid()}.{kind}") for kind in ("partial", "stale"))
+    n_images = len(options["photos"]) * (options["variants_per_class"] + 1)
+    log.info("generating the built-in benchmark (%d images, once) into %s", n_images, folder)
+    start = time.perf_counter()
+    try:
+        generate_benchmark(partial, **options)
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if (folder / "manifest.csv").is_file():
+                return  # another process finished first, with the same images
+            try:
+                os.rename(folder, stale)
+            except FileNotFoundError:
+                pass  # another process moved it aside
+            os.rename(partial, folder)
+    except OSError as error:
+        if (folder / "manifest.csv").is_file():
+            return  # another process renamed its folder in between
+        raise DataError(f"cannot generate the built-in benchmark in {folder} ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
+    log.info("generated the built-in benchmark in %.1f s", time.perf_counter() - start)
 
 
 def builtin_benchmark(
@@ -122,6 +157,7 @@ def builtin_benchmark(
     folder = Path(cache_dir).expanduser() / f"builtin-{key}"
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
-        generate_benchmark(folder, photos, variations, variants_per_class, max_combined, strength_range, seed,
-                           image_size)
+        _generate_into_place(folder, photos=photos, variations=variations, variants_per_class=variants_per_class,
+                             max_combined=max_combined, strength_range=strength_range, seed=seed,
+                             image_size=image_size)
     return csv_manifest(manifest, name=name, query=query, database=database)

@@ -112,7 +112,8 @@ def _search_and_score(queries: np.ndarray, database: np.ndarray, dataset: Retrie
     else:
         parameters = approximate_parameters(options, *database.shape)
         index, device = on_gpus(build_approximate_index(database, parameters,
-                                                        max_batch_entries=options.max_batch_entries))
+                                                        max_batch_entries=options.max_batch_entries),
+                                min(parameters["shortlist"] + 1, database.shape[0]))
         rankings = approximate_rankings(index, queries, database, parameters["shortlist"], protocol.exclude,
                                         options.max_batch_entries)
         info = {"search": {**parameters, "device": device, "ap_convention": SHORTLIST_AP}}

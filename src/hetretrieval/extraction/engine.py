@@ -11,6 +11,7 @@ progress bar. Lightning may drive the loop (`ExtractionModule`, for accelerators
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -90,15 +91,15 @@ class ExtractionEngine(nn.Module):
     """`network` (backbone + global heads, may be None) and `local` extractors over batches of images.
 
     `batch_size` images of one size per batch (`SizeBucketBatchSampler`); `num_workers` decoding processes;
-    with none, `extract` decodes the next batches in a background thread (PIL releases the GIL), so decoding
-    overlaps the forward pass either way. `precision` "bf16" / "16" runs the network under autocast (on the CPU,
+    with none, the next batches are decoded in a background thread (PIL releases the GIL) where that overlaps
+    the forward pass (`batches`). `precision` "bf16" / "16" runs the network under autocast (on the CPU,
     "16" falls back to bf16, said once in the log); `channels_last` lays the network and batches out NHWC;
     `pin_memory` pins host batches when a CUDA device is present. At "32" without channels_last, descriptors
     are those of the plain forward, bit for bit.
     """
 
     def __init__(self, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None = None,
-                 batch_size: int = 4, num_workers: int = 0, progress: bool = True, precision: str = "32",
+                 batch_size: int = 1, num_workers: int = 0, progress: bool = True, precision: str = "32",
                  channels_last: bool = False, pin_memory: bool = True) -> None:
         super().__init__()
         if batch_size < 1:
@@ -136,11 +137,15 @@ class ExtractionEngine(nn.Module):
                           num_workers=self.num_workers, persistent_workers=False,
                           pin_memory=self.pin_memory and torch.cuda.is_available())
 
-    def batches(self, records: Sequence[ImageRecord], plan: ImagePlan,
-                ids: Sequence[int] | None = None) -> Iterator[dict]:
-        """`loader`'s batches; without worker processes, decoded one or two batches ahead in a thread."""
-        loader = self.loader(records, plan, ids)
-        return iter(loader) if self.num_workers else _read_ahead(loader, depth=2)
+    def batches(self, records: Sequence[ImageRecord], plan: ImagePlan, ids: Sequence[int] | None = None,
+                rank: int = 0, world_size: int = 1) -> DataLoader | ReadAhead:
+        """`loader`'s batches, sized; without worker processes, decoded up to two batches ahead in a thread
+        when that overlaps the forward: on an accelerator, or on the CPU when torch leaves a core free (with
+        every core in torch's threads the decoding thread stalls them: 2 threads on 2 cores, pacs-dev batch 1,
+        2.0x slower, benchmarks/extraction_throughput.py). `extract` and `ExtractionModule` iterate these."""
+        loader = self.loader(records, plan, ids, rank, world_size)
+        overlaps = self.device.type != "cpu" or torch.get_num_threads() < _cpu_cores()
+        return ReadAhead(loader, depth=2) if overlaps and not self.num_workers else loader
 
     @torch.inference_mode()
     def describe_batch(self, batch: dict, views: Mapping[str, View] | None = None) -> dict:
@@ -200,8 +205,11 @@ class ExtractionEngine(nn.Module):
                          self.progress)
 
     def extract(self, records: Sequence[ImageRecord], source: ImageSource | ImagePlan,
-                ids: Sequence[int] | None = None, views: Mapping[str, View] | None = None) -> Extraction:
-        """Describe `records` (or only `ids`) in this process, on the engine's device."""
+                ids: Sequence[int] | None = None, views: Mapping[str, View] | None = None,
+                gather: bool = True) -> Extraction:
+        """Describe `records` (or only `ids`) in this process, on the engine's device. Under DDP every rank
+        describes them all and the ranks' results are gathered (rank 0's kept) unless `gather` is False: this
+        process describes them alone (rank 0 redoing a failed rank's shard after the others finished)."""
         plan = source if isinstance(source, ImagePlan) else ImagePlan.scan(records, source)
         wanted = plan.readable if ids is None else np.isin(np.arange(len(records)), ids) & plan.readable
         collector = self.collector(len(records), plan, int(wanted.sum()))
@@ -213,7 +221,7 @@ class ExtractionEngine(nn.Module):
         finally:  # each module back to its own mode (frozen batch-norm layers stay frozen)
             for module, training in modes.items():
                 module.training = training
-        return collector.finish(ids)
+        return collector.finish(ids, gather)
 
     def prepare(self, dataset: RetrievalDataset, plan: ImagePlan) -> None:
         """Fit the data-initialised heads (NetVLAD's k-means and whitening) on `dataset`'s images, read as
@@ -262,8 +270,10 @@ class Collector:
         for name, features in output["local"].items():
             self.local.setdefault(name, {}).update(zip(output["index"].tolist(), features, strict=True))
 
-    def finish(self, ids: Sequence[int] | None = None) -> Extraction:
-        """Gather every rank's batches and merge them in dataset order (on every rank)."""
+    def part(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict[int, LocalFeatures]], dict[int, str],
+                            float]:
+        """Stop the clock and the bar: this rank's `(indices (n,), {head: (n, D)}, {head: {index: features}},
+        {index: skip reason}, seconds)`."""
         seconds = time.perf_counter() - self.started
         if self.bar is not None:
             self.bar.close()
@@ -272,10 +282,14 @@ class Collector:
         def stacked(parts: list[np.ndarray]) -> np.ndarray:
             return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
-        state = (indices, {k: stacked(v) for k, v in self.descriptors.items()}, self.local, self.failed)
-        gathered = _all_gather(state)
+        return indices, {k: stacked(v) for k, v in self.descriptors.items()}, self.local, self.failed, seconds
+
+    def finish(self, ids: Sequence[int] | None = None, gather: bool = True) -> Extraction:
+        """Gather every rank's batches (unless `gather` is False) and merge them in dataset order (on every
+        rank)."""
+        gathered = _all_gather(self.part()) if gather else [self.part()]
         valid = np.zeros(self.n_images, dtype=bool)
-        extraction = Extraction(valid, dict(self.plan.unreadable), seconds=seconds)
+        extraction = Extraction(valid, dict(self.plan.unreadable), seconds=max(part[4] for part in gathered))
         heads = {name for part in gathered for name in part[1]}
         for name in sorted(heads):
             extraction.descriptors[name], valid_head = merge_gathered(
@@ -289,21 +303,41 @@ class Collector:
                     if merged[index] is None:
                         merged[index] = value
             extraction.skipped.update(part[3])
-        wanted = self.plan.readable.copy()
-        if ids is not None:
-            wanted &= np.isin(np.arange(self.n_images), ids)
-        not_reached = np.flatnonzero(wanted & ~valid & ~np.isin(np.arange(self.n_images), list(extraction.skipped)))
-        for index in not_reached:  # e.g. fast_dev_run / limit_predict_batches: say so, never hide it
-            extraction.skipped[int(index)] = NOT_EXTRACTED
-        extraction.complete = not_reached.size == 0
-        extraction.skipped = dict(sorted(extraction.skipped.items()))
-        log.info("described %d images in %.1f s (%.1f images/s)", int(valid.sum()), seconds,
-                 extraction.images_per_second)
-        return extraction
+        return finalize(extraction, self.plan, ids)
+
+
+def finalize(extraction: Extraction, plan: ImagePlan, ids: Sequence[int] | None = None) -> Extraction:
+    """Close a merged extraction: the wanted images (readable, among `ids`) that no rank described nor skipped
+    are skipped as NOT_EXTRACTED, which makes it incomplete; skips in index order; the rate logged."""
+    n_images = extraction.valid.size
+    wanted = plan.readable.copy()
+    if ids is not None:
+        wanted &= np.isin(np.arange(n_images), ids)
+    not_reached = np.flatnonzero(wanted & ~extraction.valid & ~np.isin(np.arange(n_images), list(extraction.skipped)))
+    for index in not_reached:  # e.g. fast_dev_run / limit_predict_batches: say so, never hide it
+        extraction.skipped[int(index)] = NOT_EXTRACTED
+    extraction.complete = not_reached.size == 0
+    extraction.skipped = dict(sorted(extraction.skipped.items()))
+    log.info("described %d images in %.1f s (%.1f images/s)", int(extraction.valid.sum()), extraction.seconds,
+             extraction.images_per_second)
+    return extraction
+
+
+class ReadAhead:
+    """`batches` (an iterable with a length) iterated in a daemon thread, up to `depth` items ahead, so that
+    decoding overlaps the consumer's forward pass; the producer's exceptions are re-raised in the consumer."""
+
+    def __init__(self, batches, depth: int) -> None:
+        self.batches, self.depth = batches, depth
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator:
+        return _read_ahead(self.batches, self.depth)
 
 
 def _read_ahead(batches, depth: int) -> Iterator:
-    """Iterate `batches` in a daemon thread, up to `depth` items ahead; its exceptions re-raised here."""
     items: queue.Queue = queue.Queue(maxsize=depth)
     done, stop = object(), threading.Event()
 
@@ -336,6 +370,11 @@ def _read_ahead(batches, depth: int) -> Iterator:
     finally:  # the consumer stopped (done, an error, or abandoned): let the producer end
         stop.set()
         thread.join()
+
+
+def _cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _is_rank_zero() -> bool:

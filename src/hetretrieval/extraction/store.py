@@ -17,9 +17,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -30,14 +31,15 @@ from torch import nn
 from hetretrieval.data.datasets import ImageRecord
 from hetretrieval.data.images import CROP_KEY
 from hetretrieval.errors import ConfigError, DataError
-from hetretrieval.extraction.batching import ImageSource
-from hetretrieval.extraction.engine import Extraction
+from hetretrieval.extraction.batching import ImagePlan, ImageSource
+from hetretrieval.extraction.engine import Extraction, finalize
 from hetretrieval.files import atomic_write, write_npy
 from hetretrieval.models.local.features import LocalFeatures
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+MERGE_ROWS = 16384  # shard rows copied at a time by `ShardSet.merge` (bounds rank 0's memory: 128 MiB at 2048-D)
 
 
 def module_digest(module: nn.Module | None) -> str | None:
@@ -145,19 +147,23 @@ class DescriptorStore:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(head, key)
-
-        def write_entry(partial: Path) -> None:
-            with partial.open("wb") as handle:  # a handle: np.savez would append `.npz` to the temporary name
-                np.savez(handle, **_pack(head, key, extraction))
-
         try:
             if head in extraction.descriptors:  # written (and renamed) before the entry that vouches for it
-                write_npy(self.descriptors_path(head, key), extraction.descriptors[head].astype(self.dtype))
-            atomic_write(path, write_entry)
+                # asarray: a memory-mapped merge of DDP shards already in the store dtype streams to disk uncopied
+                write_npy(self.descriptors_path(head, key), np.asarray(extraction.descriptors[head], self.dtype))
+            _write_npz(path, _pack(head, key, extraction))
         except DataError as error:
             log.warning("could not store descriptors (%s): continuing without the cache", error)
             return None
         return path
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    def write(partial: Path) -> None:
+        with partial.open("wb") as handle:  # a handle: np.savez would append `.npz` to the temporary name
+            np.savez(handle, **arrays)
+
+    return atomic_write(path, write)
 
 
 def _pack(head: str, key: str, extraction: Extraction) -> dict[str, np.ndarray]:
@@ -221,6 +227,12 @@ class CachedHeads:
         """`hit` when the head's descriptors came from the store, else `miss`."""
         return "hit" if head in self.hits else "miss"
 
+    def shards(self, fallback: str | Path) -> ShardSet:
+        """Where a distributed extraction of the missing heads puts its rank shards: beside the entries, keyed by
+        the missing heads' keys, or under `fallback` (the run folder) when the store is off."""
+        return ShardSet(self.store.root if self.store.root is not None else fallback,
+                        fingerprint(*(self.keys[head] for head in self.missing)), self.store.dtype)
+
     def complete(self, fresh: Extraction | None) -> Extraction:
         if fresh is not None:
             for head in self.missing:
@@ -235,3 +247,139 @@ class CachedHeads:
             merged.local_features.update(part.local_features)
         merged.skipped = dict(sorted(merged.skipped.items()))
         return merged
+
+
+class ShardSet:
+    """The rank shards of one distributed extraction, in `<root>/<key[:24]>.shards/`.
+
+    Rank `r` of `W` writes `W-r.indices.npy` (its record indices), `W-r.head-<head>.npy` (a global head's
+    descriptors, in the store dtype) or `W-r.head-<head>.npz` (a local head's features, as in an entry), and last
+    the completion marker `W-r.done.json` (key, world size, heads, skipped images). After a barrier rank 0
+    `merge`s them in dataset order into one preallocated memory-mapped array per head, copying from memory-mapped
+    shards, so no process ever holds every descriptor. A shard without its marker (a killed rank) or whose marker
+    names another key or world size is never merged: that rank's images are described again.
+    """
+
+    def __init__(self, root: str | Path, key: str, dtype: str = "float32") -> None:
+        self.folder, self.key, self.dtype = Path(root) / f"{key[:24]}.shards", key, dtype
+
+    def file(self, world_size: int, rank: int | str, name: str) -> Path:
+        return self.folder / f"{world_size}-{rank}.{name}"
+
+    def write(self, rank: int, world_size: int, part: tuple) -> bool:
+        """Write a rank's `Collector.part()`, the marker last; a failed write is logged (rank 0 then describes
+        that rank's images again) and returns False, so the rank still reaches the barrier."""
+        indices, descriptors, local, skipped, seconds = part
+        marker = self.file(world_size, rank, "done.json")
+        facts = {"key": self.key, "world_size": world_size, "rank": rank, "rows": int(indices.size),
+                 "global": sorted(descriptors), "local": sorted(local), "seconds": seconds,
+                 "skipped": {str(index): reason for index, reason in skipped.items()}}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            marker.unlink(missing_ok=True)  # an earlier run's marker never vouches for this run's arrays
+            write_npy(self.file(world_size, rank, "indices.npy"), indices.astype(np.int64))
+            for head, values in descriptors.items():
+                write_npy(self.file(world_size, rank, f"head-{head}.npy"), values.astype(self.dtype))
+            for head, features in local.items():
+                rows = Extraction(np.ones(indices.size, bool), {},
+                                  local_features={head: [features[i] for i in indices.tolist()]})
+                _write_npz(self.file(world_size, rank, f"head-{head}.npz"), _pack(head, self.key, rows))
+            atomic_write(marker, lambda partial: partial.write_text(json.dumps(facts), encoding="utf-8"))
+        except (OSError, DataError) as error:
+            log.warning("could not write the extraction shard of rank %d (%s): rank 0 describes its images again",
+                        rank, error)
+            return False
+        return True
+
+    def merge(self, world_size: int, plan: ImagePlan, describe_again: Callable[[int], Extraction]) -> Extraction:
+        """Every rank's shard in dataset order; a rank whose shard is not complete is replaced by
+        `describe_again(rank)` (its images, described in this process). Global heads come back memory-mapped,
+        in the store dtype."""
+        started = time.perf_counter()
+        n_images = len(plan.shapes)
+        shards, again = [], []
+        for rank in range(world_size):
+            checked = self._checked(world_size, rank)
+            if checked is None:
+                again.append(describe_again(rank))
+            else:
+                shards.append((rank, *checked))
+        extraction = Extraction(np.zeros(n_images, bool), dict(plan.unreadable))
+        for _, facts, indices in shards:
+            extraction.valid[indices] = True
+            extraction.skipped.update({int(index): reason for index, reason in facts["skipped"].items()})
+        for part in again:
+            extraction.valid |= part.valid
+            extraction.skipped.update(part.skipped)
+        for head in sorted({h for _, f, _ in shards for h in f["global"]} | {h for p in again for h in p.descriptors}):
+            sources = [(indices, np.load(self.file(world_size, rank, f"head-{head}.npy"), mmap_mode="r"))
+                       for rank, facts, indices in shards if head in facts["global"]]
+            sources += [(np.flatnonzero(p.valid), p.descriptors[head][p.valid]) for p in again if head in p.descriptors]
+            extraction.descriptors[head] = self._merged(world_size, head, sources, n_images)
+        for head in sorted({h for _, f, _ in shards for h in f["local"]} | {h for p in again for h in p.local_features}):
+            merged: list[LocalFeatures | None] = [None] * n_images
+            for rank, facts, indices in shards:
+                if head in facts["local"]:
+                    with np.load(self.file(world_size, rank, f"head-{head}.npz"), allow_pickle=False) as entry:
+                        features = _unpack(head, {name: entry[name] for name in entry.files}).local_features[head]
+                    for index, value in zip(indices.tolist(), features, strict=True):
+                        if merged[index] is None:
+                            merged[index] = value
+            for part in again:
+                for index, value in enumerate(part.local_features.get(head, [])):
+                    if merged[index] is None:
+                        merged[index] = value
+            extraction.local_features[head] = merged
+        extraction.seconds = max([f["seconds"] for _, f, _ in shards], default=0.0) + time.perf_counter() - started
+        return finalize(extraction, plan)
+
+    def remove(self) -> None:
+        """Delete the shard folder (once the merged extraction is stored)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _checked(self, world_size: int, rank: int) -> tuple[dict, np.ndarray] | None:
+        """A rank's marker and indices when its shard is whole and of this extraction, else None (logged)."""
+        try:
+            facts = json.loads(self.file(world_size, rank, "done.json").read_text(encoding="utf-8"))
+            if (facts.get("key"), facts.get("world_size"), facts.get("rank")) != (self.key, world_size, rank):
+                raise ValueError(f"its marker names another extraction (key {str(facts.get('key'))[:12]}..., "
+                                 f"world size {facts.get('world_size')}, rank {facts.get('rank')})")
+            indices = np.load(self.file(world_size, rank, "indices.npy"), allow_pickle=False)
+            if indices.shape != (facts["rows"],):
+                raise ValueError(f"{indices.shape[0]} indices where its marker says {facts['rows']} rows")
+            for head in facts["global"]:
+                values = np.load(self.file(world_size, rank, f"head-{head}.npy"), mmap_mode="r", allow_pickle=False)
+                if values.shape[0] != facts["rows"] or values.dtype != np.dtype(self.dtype):
+                    raise ValueError(f"{head} descriptors {values.dtype}{values.shape} do not match its marker")
+            for head in facts["local"]:
+                if not self.file(world_size, rank, f"head-{head}.npz").is_file():
+                    raise ValueError(f"no {head} features")
+        except FileNotFoundError as error:
+            reason = f"incomplete (no {Path(error.filename).name}: a killed rank?)"
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            reason = f"unusable ({error})"
+        else:
+            return facts, indices
+        log.warning("extraction shard %d-%d in %s is %s: describing its images again, never merging it",
+                    world_size, rank, self.folder, reason)
+        return None
+
+    def _merged(self, world_size: int, head: str, sources: Sequence[tuple[np.ndarray, np.ndarray]],
+                n_images: int) -> np.ndarray:
+        """`(indices, rows)` of every rank -> one `(N, D)` memory-mapped array in dataset order (zero rows where
+        no rank described an image); each image's first occurrence is kept, `MERGE_ROWS` rows at a time."""
+        dims = {values.shape[1] for _, values in sources}
+        if len(dims) > 1:
+            raise RuntimeError(f"ranks produced {head} descriptors of different sizes {sorted(dims)}")
+        path = self.file(world_size, "merged", f"head-{head}.npy")
+        merged = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(n_images, dims.pop()))
+        taken = np.zeros(n_images, bool)
+        for indices, values in sources:
+            for start in range(0, indices.size, MERGE_ROWS):
+                rows = indices[start:start + MERGE_ROWS]
+                fresh = ~taken[rows]
+                merged[rows[fresh]] = values[start:start + MERGE_ROWS][fresh]
+                taken[rows] = True
+        merged.flush()
+        del merged
+        return np.load(path, mmap_mode="r", allow_pickle=False)

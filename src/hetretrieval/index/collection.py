@@ -197,16 +197,12 @@ def read_faiss_index(directory: str | Path) -> faiss.Index:
 def search_index(index: faiss.Index, queries: np.ndarray, top_k: int, gpu: str = "auto",
                  nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`(Q, D)` queries -> `scores (Q, k)` descending and image `ids (Q, k)` (-1 past the indexed images), on a
-    GPU when faiss-gpu has one and `gpu` allows it."""
-    import faiss
+    GPU when faiss-gpu has one and `gpu` allows it (`on_gpus`)."""
+    from hetretrieval.index.search import on_gpus  # torch, only when searching
 
     if nprobe is not None and hasattr(index, "nprobe"):
         index.nprobe = nprobe
-    searcher = index
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if str(gpu).lower() == "true" and not gpus:
-        raise ConfigError("faiss.gpu=true but faiss sees no GPU (faiss-gpu and CUDA are needed)")
-    if gpus and str(gpu).lower() != "false":
-        searcher = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    scores, ids = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), min(top_k, index.ntotal))
+    k = min(top_k, index.ntotal)
+    searcher, _ = on_gpus(index, k, gpu)
+    scores, ids = searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return scores, ids

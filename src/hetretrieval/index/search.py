@@ -164,39 +164,59 @@ def build_approximate_index(database: np.ndarray, parameters: dict, seed: int = 
                             max_batch_entries: int = 1 << 24) -> faiss.Index:
     """The trained and filled (CPU) faiss index of `approximate_parameters` over `database (N, D)`.
 
-    IVF-PQ trains on a seeded sample of 39 vectors (faiss's minimum) a list or a PQ centroid, whichever needs
-    more; vectors are added in float32 blocks.
+    HNSW keeps 8-bit scalar-quantised codes, not a float32 copy of the database (a quarter of its size; the
+    short-list is re-scored from the database anyway). IVF-PQ trains on a seeded sample of 39 vectors (faiss's
+    minimum) a list or a PQ centroid, whichever needs more, HNSW its per-dimension ranges on 39 x 256; vectors are
+    added in float32 blocks.
     """
     import faiss
 
     n_database, dim = database.shape
     if parameters["method"] == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, parameters["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, parameters["hnsw_m"],
+                                  faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = max(40, 2 * parameters["hnsw_m"])
         index.hnsw.efSearch = parameters["ef_search"]
+        training = 39 * 256
     else:
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, parameters["ivf_lists"], parameters["pq_m"],
                                  parameters["pq_bits"], faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = index.pq.cp.seed = seed
-        size = 39 * max(parameters["ivf_lists"], 2 ** parameters["pq_bits"])
-        sample = np.sort(np.random.default_rng(seed).permutation(n_database)[:size])
-        index.train(np.ascontiguousarray(database[sample], dtype=np.float32))
         index.nprobe = parameters["nprobe"]
+        training = 39 * max(parameters["ivf_lists"], 2 ** parameters["pq_bits"])
+    sample = np.sort(np.random.default_rng(seed).permutation(n_database)[:training])
+    index.train(np.ascontiguousarray(database[sample], dtype=np.float32))
     rows = max(1, max_batch_entries // max(dim, 1))
     for start in range(0, n_database, rows):
         index.add(np.ascontiguousarray(database[start : start + rows], dtype=np.float32))
     return index
 
 
-def on_gpus(index: faiss.Index) -> tuple[faiss.Index, str]:
-    """The index on every GPU when faiss has any and can move it (IVF-PQ), else itself: `(index, "gpu" | "cpu")`."""
+GPU_MAX_K = 2048  # faiss's GPU k-selection handles at most this many results a query
+
+
+def on_gpus(index: faiss.Index, k: int, gpu: str = "auto") -> tuple[faiss.Index, str]:
+    """The index on every GPU, to be searched for `k` results a query, when faiss has a GPU and `gpu` allows it
+    (`auto`; `false`: never; `true`: a GPU is required), else itself: `(index, "gpu" | "cpu")`.
+
+    An index the GPU kernels cannot hold (HNSW, some `pq_m`) or a `k` above `GPU_MAX_K` stays on the CPU, said
+    in a warning, rather than failing in the middle of the search.
+    """
     import faiss
 
-    if isinstance(index, faiss.IndexIVFPQ) and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
-        try:
-            return faiss.index_cpu_to_all_gpus(index), "gpu"
-        except RuntimeError as error:  # e.g. a pq_m the GPU kernels lack: the CPU index still answers
-            log.warning("the IVF-PQ index stays on the CPU: %s", str(error).splitlines()[0])
+    gpu = str(gpu).lower()
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if gpu == "true" and not gpus:
+        raise ConfigError("faiss.gpu=true but faiss sees no GPU (faiss-gpu and CUDA are needed)")
+    if not gpus or gpu == "false":
+        return index, "cpu"
+    if k > GPU_MAX_K:
+        log.warning("the faiss index stays on the CPU: %d results a query exceed the GPU's limit of %d", k, GPU_MAX_K)
+        return index, "cpu"
+    try:
+        return faiss.index_cpu_to_all_gpus(index), "gpu"
+    except RuntimeError as error:
+        log.warning("the faiss index stays on the CPU: %s", str(error).splitlines()[0])
     return index, "cpu"
 
 
@@ -221,11 +241,10 @@ def approximate_rankings(
         order = np.argsort(candidates, axis=1, kind="stable")  # ascending: ties keep the lower position first
         candidates, missing = np.take_along_axis(candidates, order, 1), np.take_along_axis(missing, order, 1)
         scores = np.empty(candidates.shape, dtype=np.float32)
-        for first in range(0, block.shape[0], rescore_batch):
+        for first in range(0, block.shape[0], rescore_batch):  # one gather (the cost) and a batched dot product
             rows = slice(first, first + rescore_batch)
-            vectors = torch.from_numpy(np.array(database[candidates[rows].ravel()], dtype=np.float32))
-            scores[rows] = torch.bmm(vectors.view(*candidates[rows].shape, dim),
-                                     torch.from_numpy(block[rows, :, None]))[:, :, 0].numpy()
+            vectors = database.take(candidates[rows].ravel(), axis=0).astype(np.float32, copy=False)
+            scores[rows] = np.einsum("bkd,bd->bk", vectors.reshape(*candidates[rows].shape, dim), block[rows])
         dropped = missing
         if exclude is not None:
             dropped = missing | (candidates == np.asarray(exclude[start : start + search_batch])[:, None])

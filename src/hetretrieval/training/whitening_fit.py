@@ -18,10 +18,9 @@ import torch
 
 from hetretrieval.errors import ConfigError
 from hetretrieval.models.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
-from hetretrieval.training.datamodule import TrainingDataModule, describe_crops
-from hetretrieval.training.losses import all_pairs
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # Lightning and pytorch-metric-learning load only when fitting: hetretrieval-eval starts faster
+    from hetretrieval.training.datamodule import TrainingDataModule
     from hetretrieval.training.module import FineTuningModule
 
 _KINDS = ("none", "lw", "pca")
@@ -50,6 +49,8 @@ def fit_descriptor_whitening(descriptors: torch.Tensor, options: WhiteningOption
         raise ConfigError("fitting a whitening needs whitening kind lw or pca")
     if labels is None:
         raise ConfigError("learned whitening (lw) needs labelled descriptors")
+    from hetretrieval.training.losses import all_pairs
+
     names = sorted({label for label in labels if label is not None})
     codes = torch.tensor([names.index(label) if label is not None else -1 for label in labels])
     first, second, _, _ = all_pairs(codes)
@@ -64,6 +65,9 @@ def fit_whitening(module: FineTuningModule, datamodule: TrainingDataModule, opti
     """Fit ``options.kind`` whitening on the training set's descriptors of ``module`` without its whitening."""
     if options.kind == "none":
         raise ConfigError("fit_whitening needs whitening kind lw or pca")
+    from hetretrieval.training.datamodule import describe_crops
+    from hetretrieval.training.losses import all_pairs
+
     previous, module.whitening = module.whitening, None
     try:
         descriptors = describe_crops(module, datamodule.train_dataset, datamodule.crop_plan,

@@ -64,45 +64,47 @@ def _binary_nearest(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[
         faiss.omp_set_num_threads(threads)
 
 
+def mutual_binary(a: np.ndarray, database: np.ndarray, rows: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """Which proposals are mutual: descriptor `rows[k]` of packed `a` `(N, D)` proposed `database[nearest[k]]`
+    (`(K,)` each) -> `(K,)` bool, true when `rows[k]` is also that descriptor's nearest neighbour in `a` (lowest
+    index on ties). One faiss search in `a` of every distinct proposed descriptor."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=bool)
+    proposed, inverse = np.unique(nearest, return_inverse=True)
+    _, back = _binary_nearest(a, database[proposed], 1)
+    return back[inverse, 0] == rows
+
+
 def match_binary(
     a: np.ndarray, others: Sequence[np.ndarray], mutual: bool = True, ratio: float | None = None
 ) -> list[np.ndarray]:
     """Tentative matches of packed `(N, D)` uint8 `a` to each of `others` `(M_b, D)`: `(K_b, 2)` int64 pairs each.
 
     Same rule as `match_descriptors` (nearest neighbour, lowest index on ties; `mutual`; `ratio` compared in
-    float32 like the float path). The reverse searches of all `others` run as one faiss search in `a`, and
-    only for descriptors some descriptor of `a` proposed.
+    float32 like the float path). The reverse searches of all `others` are one `mutual_binary` call.
     """
     _check_ratio(ratio)
     if a.dtype != np.uint8 or any(b.dtype != np.uint8 or b.shape[1:] != a.shape[1:] for b in others):
         raise ValueError(f"packed descriptors differ: {a.shape} {a.dtype} vs {[(b.shape, b.dtype) for b in others]}")
-    empty = np.zeros((0, 2), dtype=np.int64)
-    forward, candidates, offset = [], [], 0
+    proposals = []  # per image of others: the kept rows of a and their nearest descriptor there
     for b in others:
         if len(a) == 0 or len(b) == 0:
-            forward.append(None)
+            proposals.append(np.zeros((0, 2), dtype=np.int64))
             continue
         distance, nearest = _binary_nearest(b, a, 2 if ratio is not None and len(b) > 1 else 1)
         keep = np.ones(len(a), dtype=bool)
         if distance.shape[1] == 2:
             keep &= distance[:, 0].astype(np.float32) < np.float32(ratio) * distance[:, 1].astype(np.float32)
-        proposed, inverse = np.unique(nearest[:, 0], return_inverse=True)
-        forward.append((keep, nearest[:, 0], inverse + offset))
-        candidates.append(b[proposed])
-        offset += len(proposed)
-    if mutual and candidates:
-        _, back = _binary_nearest(a, np.concatenate(candidates), 1)
-    matches = []
-    for found in forward:
-        if found is None:
-            matches.append(empty)
-            continue
-        keep, nearest, candidate = found
-        if mutual:
-            keep &= back[candidate, 0] == np.arange(len(a))
         query = np.flatnonzero(keep)
-        matches.append(np.stack([query, nearest[query]], axis=1).astype(np.int64))
-    return matches
+        proposals.append(np.stack([query, nearest[query, 0]], axis=1).astype(np.int64))
+    if not mutual or not others:
+        return proposals
+    offsets = np.cumsum([0] + [len(b) for b in others[:-1]])
+    stacked = np.concatenate(proposals)
+    kept = mutual_binary(a, np.concatenate(others), stacked[:, 0],
+                         stacked[:, 1] + np.repeat(offsets, [len(p) for p in proposals]))
+    return [pairs[keep] for pairs, keep in
+            zip(proposals, np.split(kept, np.cumsum([len(p) for p in proposals])[:-1]), strict=True)]
 
 
 def match_descriptors(

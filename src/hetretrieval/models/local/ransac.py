@@ -40,6 +40,8 @@ CPU_BACKEND = {"affine": "opencv", "homography": "batched"}
 _HOMOGRAPHY_TRIANGLES = ((0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 3))
 # |sin| of a sample triangle's angle below which its points count as collinear.
 _COLLINEAR_SINE = 1e-5
+# Completes OpenCV's 2 x 3 affine maps to 3 x 3 (np.concatenate: a tenth of np.vstack's per-pair cost).
+_AFFINE_LAST_ROW = np.array([[0.0, 0.0, 1.0]])
 # Elements of one (pairs, hypotheses, correspondences) intermediate when scoring hypotheses: bounds memory.
 _SCORING_CHUNK_ELEMENTS = 1 << 22
 # Hypotheses per pair scored between two termination checks (the granularity of early stopping).
@@ -221,18 +223,59 @@ def _score(
     return (error <= threshold**2) & valid.unsqueeze(1)
 
 
+def _refine_affine(
+    src: torch.Tensor, dst: torch.Tensor, pair: torch.Tensor, inliers: torch.Tensor, models: torch.Tensor,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refine_models` for affine maps on concatenated pairs, no padding: `(N, 2)` float64 src / dst pixels,
+    `(N,)` pair index and inlier mask, `(B, 3, 3)` models -> `(N,)` inliers and `(B, 3, 3)` models.
+
+    Least squares in closed form from per-pair sums over the inliers (one `index_add_`): with `s`, `d` the
+    inliers centred on their centroids, the linear part `L` solves `C L^T = R` (`C = sum s s^T`,
+    `R = sum s d^T`) and the translation maps the src centroid to the dst centroid. Pairs with fewer than 3
+    inliers keep their model; collinear inliers give a singular `C`: a non-finite or worse refit, not kept.
+    """
+    num_pairs = len(models)
+    x, y = src[inliers].unbind(-1)
+    u, v = dst[inliers].unbind(-1)
+    terms = torch.stack([torch.ones_like(x), x, y, u, v, x * x, x * y, y * y, x * u, x * v, y * u, y * v], -1)
+    sums = src.new_zeros(num_pairs, terms.shape[1]).index_add_(0, pair[inliers], terms)
+    count = sums[:, 0]
+    centroid_src, centroid_dst = (sums[:, 1:5] / count.clamp_min(1).unsqueeze(-1)).split(2, dim=-1)
+    weighted_src = count.view(-1, 1, 1) * centroid_src.unsqueeze(-1)  # (B, 2, 1)
+    c = sums[:, [5, 6, 6, 7]].view(-1, 2, 2) - weighted_src * centroid_src.unsqueeze(-2)
+    r = sums[:, 8:].view(-1, 2, 2) - weighted_src * centroid_dst.unsqueeze(-2)
+    adjugate = torch.stack([c[:, 1, 1], -c[:, 0, 1], -c[:, 1, 0], c[:, 0, 0]], -1).view(-1, 2, 2)
+    determinant = c[:, 0, 0] * c[:, 1, 1] - c[:, 0, 1] * c[:, 1, 0]
+    linear = (adjugate @ r / determinant.view(-1, 1, 1)).mT  # determinant 0: non-finite
+    refit = torch.zeros_like(models)
+    refit[:, :2, :2] = linear
+    refit[:, :2, 2] = centroid_dst - (linear @ centroid_src.unsqueeze(-1)).squeeze(-1)
+    refit[:, 2, 2] = 1
+    refit_inliers = transfer_error(refit.float()[pair], src.float().unsqueeze(1), dst.float().unsqueeze(1))
+    refit_inliers = refit_inliers.squeeze(1) <= threshold**2
+    refit_count = torch.bincount(pair[refit_inliers], minlength=num_pairs)
+    better = (count >= 3) & refit.isfinite().flatten(-2).all(-1) & (refit_count >= count)
+    return torch.where(better[pair], refit_inliers, inliers), torch.where(better.view(-1, 1, 1), refit, models)
+
+
 def refine_models(
     src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor, result: RansacResult, model: str, threshold: float
 ) -> RansacResult:
     """Refit each pair's model by weighted least squares on its inliers; keep the refit if no fewer inliers.
 
-    `(B, M, 2)` src / dst pixels, `(B, M)` validity; pairs without inliers keep their result.
+    `(B, M, 2)` src / dst pixels, `(B, M)` validity; pairs without inliers keep their result. Affine maps:
+    `_refine_affine` on the valid correspondences.
     """
-    fit = fit_affine if model == "affine" else fit_homography
     src, dst = src.to(torch.float64), dst.to(torch.float64)
+    if model == "affine":
+        inliers = torch.zeros_like(result.inliers)
+        inliers[valid], models = _refine_affine(src[valid], dst[valid], valid.nonzero()[:, 0],
+                                                result.inliers[valid], result.models, threshold)
+        return RansacResult(inliers=inliers, models=models, drawn=result.drawn)
     found = result.inliers.any(-1)
     refit = torch.zeros_like(result.models)
-    refit[found] = fit(src[found], dst[found], result.inliers[found].to(torch.float64))
+    refit[found] = fit_homography(src[found], dst[found], result.inliers[found].to(torch.float64))
     refit_inliers = _score(refit.unsqueeze(1), src, dst, valid, threshold).squeeze(1)
     better = (
         found & refit.isfinite().flatten(-2).all(-1) & (refit_inliers.sum(-1) >= result.inliers.sum(-1))
@@ -332,7 +375,7 @@ def ransac_opencv(
                "confidence": confidence}
     if model == "affine":
         affine, mask = cv2.estimateAffine2D(src, dst, refineIters=0, **options)
-        matrix = None if affine is None else np.vstack([affine, [0, 0, 1]])
+        matrix = None if affine is None else np.concatenate([affine, _AFFINE_LAST_ROW])
     else:
         matrix, mask = cv2.findHomography(src, dst, **options)
     if matrix is None or mask is None:
@@ -403,6 +446,15 @@ class GeometricVerifier:
                                    self.confidence) for points_src, points_dst in batch]
             if not self.refine:
                 return [mask for mask, _ in found]
+            if self.model == "affine":  # refit the concatenated pairs, no padding
+                lengths = [len(points_src) for points_src, _ in batch]
+                src, dst = (torch.from_numpy(np.concatenate([pair[k] for pair in batch]).astype(np.float64))
+                            for k in (0, 1))
+                inliers, _ = _refine_affine(src, dst, torch.from_numpy(np.repeat(np.arange(len(batch)), lengths)),
+                                            torch.from_numpy(np.concatenate([mask for mask, _ in found])),
+                                            torch.from_numpy(np.stack([model for _, model in found])),
+                                            self.threshold)
+                return np.split(inliers.numpy(), np.cumsum(lengths)[:-1])
             src, dst, valid = pad_correspondences(batch)
             inliers = np.zeros(valid.shape, dtype=bool)
             inliers[valid.numpy()] = np.concatenate([mask for mask, _ in found])
