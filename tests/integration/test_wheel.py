@@ -43,7 +43,7 @@ def test_the_installed_wheel_runs_the_default_job_from_any_directory(tmp_path):
     shown = subprocess.run([command, "--help"], cwd=work, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "Primary config directory not found" not in shown.stdout + shown.stderr
-    assert "dataset: " in shown.stdout
+    assert shown.stdout.startswith("hetretrieval-eval: ") and "\n  dataset " in shown.stdout
 
     done = subprocess.run([command, *TINY_BUILTIN, "logger=csv", "evaluation.report=false"], cwd=work,
                           capture_output=True, text=True, timeout=600)

@@ -276,6 +276,7 @@ class Collector:
         {index: skip reason}, seconds)`."""
         seconds = time.perf_counter() - self.started
         if self.bar is not None:
+            self.bar.refresh()  # the final count is drawn even when the last update fell within tqdm's interval
             self.bar.close()
         indices = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
 
