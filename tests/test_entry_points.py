@@ -72,6 +72,15 @@ def test_compose_run_puts_the_run_folder_under_the_current_directory(tmp_path, m
     assert "hydra" not in cfg
 
 
+@pytest.mark.parametrize("script", sorted(CONFIG_OF))
+def test_every_entry_point_names_its_run_folder(script, tmp_path, monkeypatch):
+    """Each primary config's run folder resolves (index and search have no pooling group to name it after)."""
+    monkeypatch.chdir(tmp_path)
+    required = {"hetretrieval-index": ["collection=c", "index=i"], "hetretrieval-search": ["index=i", "query=q"]}
+    cfg = compose_run(CONFIG_OF[script], required.get(script, []))
+    assert Path(cfg.paths.output_dir).parent == tmp_path / "logs" / cfg.task_name / "runs"
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")
                                           if p.stem != "finetune_pacs_base"))
 def test_each_preset_runs_under_its_own_entry_point_only(preset):
