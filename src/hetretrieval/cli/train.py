@@ -96,10 +96,11 @@ def train(cfg: DictConfig) -> dict:
 
     from hetretrieval.loggers import build_loggers, logged_run
     from hetretrieval.models.checkpoints import read_torch_file
+    from hetretrieval.seeding import seed_everything
     from hetretrieval.training.resume import RunIdentity, checkpoint_wandb_run_id, resolve_resume
     from hetretrieval.training.whitening_fit import WhiteningOptions, fit_whitening
 
-    pl.seed_everything(cfg.seed, workers=True)
+    seed_everything(cfg.seed)
     output_dir = Path(cfg.paths.output_dir)
     whitening = typed(cfg.whitening, WhiteningOptions, "whitening")
     if whitening.fit_on is not None or whitening.fit_options:

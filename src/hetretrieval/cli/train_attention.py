@@ -25,9 +25,10 @@ def train_attention(cfg: DictConfig) -> Path:
 
     from hetretrieval.loggers import build_loggers, logged_run
     from hetretrieval.models.local.pipeline import StageFeatures
+    from hetretrieval.seeding import seed_everything
     from hetretrieval.training.attention import AttentionTraining, LabelledCrops
 
-    pl.seed_everything(cfg.seed, workers=True)
+    seed_everything(cfg.seed)
     dataset = instantiate(cfg.dataset)
     backbone = instantiate(cfg.backbone)
     datamodule = LabelledCrops(dataset, cfg.training.image_size, cfg.training.batch_size,
