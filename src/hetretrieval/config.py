@@ -67,6 +67,10 @@ class ExtractionOptions:
     # (benchmarks/extraction_throughput.py --batch-size 1 4, 2 cores: batch 4 / batch 1 images/s 0.79-0.85 on
     # pacs-dev at 1 thread, 0.96-1.00 at 2; heritage-wild 0.98-1.02)
     num_workers: int = 0  # data-loading worker processes
+    # concurrent forward passes on the CPU, torch's threads shared out among them; null: one per torch thread,
+    # at most 4 (2 cores: two 1-thread streams describe 1.2x faster than one 2-thread pass, bit for bit as at
+    # 1 thread; benchmarks/extraction_throughput.py). An accelerator runs one stream.
+    streams: int | None = None
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale extraction (e.g. [1, 0.707, 0.5])
     scale_aggregation: str = "mean"  # how per-scale descriptors combine: mean | gem (cirtorch's msp power mean)
     # exact: batches of one image size (descriptors never depend on batching); aspect: each image resized to the
@@ -85,6 +89,8 @@ class ExtractionOptions:
                self.max_pixels)
         _check(self.batch_size >= 1, "extraction.batch_size", "an integer >= 1", self.batch_size)
         _check(self.num_workers >= 0, "extraction.num_workers", "an integer >= 0", self.num_workers)
+        _check(self.streams is None or self.streams >= 1, "extraction.streams", "an integer >= 1 or null",
+               self.streams)
         _check(bool(self.scales) and all(s > 0 for s in self.scales), "extraction.scales",
                "a non-empty list of positive numbers", self.scales)
         _check(self.scale_aggregation in ("mean", "gem"), "extraction.scale_aggregation", "mean or gem",

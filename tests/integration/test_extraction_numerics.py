@@ -1,5 +1,6 @@
-"""Extraction options on real images: exact/32 is the plain forward bit for bit, bf16 and aspect buckets move
-descriptors by the documented amounts, 16 on the CPU falls back to bf16 once, the options reach the store key."""
+"""Extraction options on real images: exact/32 is the plain forward bit for bit (in one stream, and in CPU streams
+at their thread count), bf16 and aspect buckets move descriptors by the documented amounts, 16 on the CPU falls
+back to bf16 once, the options reach the store key."""
 
 import logging
 
@@ -34,13 +35,13 @@ def network():
 
 @pytest.fixture(scope="module")
 def exact(records, network):
-    return ExtractionEngine(network, batch_size=4, progress=False).extract(records, ImageSource(MAX_SIZE))
+    return ExtractionEngine(network, batch_size=4, progress=False, streams=1).extract(records, ImageSource(MAX_SIZE))
 
 
 def test_exact_fp32_is_the_plain_forward_bit_for_bit(records, network, exact):
     """The read-ahead thread and the autocast context change nothing: the same batches through the bare
     network give the same bits (and batch 1 from `load_image` agrees to 1e-5)."""
-    engine = ExtractionEngine(network, batch_size=4, progress=False)
+    engine = ExtractionEngine(network, batch_size=4, progress=False, streams=1)
     plain = np.zeros_like(exact.descriptors["gem"])
     with torch.inference_mode():
         for batch in engine.loader(records, ImagePlan.scan(records, ImageSource(MAX_SIZE))):
@@ -49,6 +50,38 @@ def test_exact_fp32_is_the_plain_forward_bit_for_bit(records, network, exact):
     assert exact.valid.all()
     np.testing.assert_array_equal(exact.descriptors["gem"], plain)
     np.testing.assert_allclose(exact.descriptors["gem"], single, atol=1e-5)
+
+
+def test_cpu_streams_are_the_one_thread_forward_bit_for_bit(records, network, monkeypatch):
+    """Two 1-thread streams, each decoding its own batches, give the bits of the plain forward at 1 thread,
+    and leave torch's thread count as it was."""
+    import threading
+
+    from hetretrieval.extraction.batching import ImageFileDataset
+
+    decoded_in = set()
+    read = ImageFileDataset.__getitem__
+
+    def spy(self, index):
+        decoded_in.add(threading.current_thread().name)
+        return read(self, index)
+
+    monkeypatch.setattr(ImageFileDataset, "__getitem__", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = ExtractionEngine(network, batch_size=4, progress=False, streams=2)
+        assert engine.stream_threads() == [1, 1]
+        streamed = engine.extract(records, ImageSource(MAX_SIZE))
+        assert torch.get_num_threads() == 2
+        assert decoded_in and decoded_in <= {"hetretrieval-extract-0", "hetretrieval-extract-1"}
+        torch.set_num_threads(1)
+        one_thread = ExtractionEngine(network, batch_size=4, progress=False, streams=1).extract(
+            records, ImageSource(MAX_SIZE))
+    finally:
+        torch.set_num_threads(threads)
+    assert streamed.valid.all()
+    np.testing.assert_array_equal(streamed.descriptors["gem"], one_thread.descriptors["gem"])
 
 
 def test_lightning_predict_reads_ahead_and_matches_extract(records, network, exact, monkeypatch):

@@ -95,6 +95,38 @@ def test_read_ahead_yields_in_order_and_reraises_errors():
     abandoned.close()  # the producer thread ends instead of blocking on a full queue
 
 
+def test_in_threads_maps_every_item_once_in_its_threads_and_restores_torch_threads():
+    import pytest
+
+    from hetretrieval.extraction.engine import in_threads
+
+    before = torch.get_num_threads()
+    seen = list(in_threads(range(50), lambda item: (item, torch.get_num_threads()), torch_threads=(1, 2, 1)))
+    assert sorted(item for item, _ in seen) == list(range(50))  # each item once, whichever thread took it
+    assert {threads for _, threads in seen} <= {1, 2}
+    assert torch.get_num_threads() == before
+
+    def fail_on_seven(item):
+        if item == 7:
+            raise ValueError("bad item 7")
+        return item
+
+    with pytest.raises(ValueError, match="bad item 7"):
+        list(in_threads(range(20), fail_on_seven, torch_threads=(1, 1)))
+    assert torch.get_num_threads() == before
+
+
+def test_streams_share_out_torch_threads(monkeypatch):
+    from hetretrieval.extraction.engine import MAX_AUTO_STREAMS, ExtractionEngine
+    from hetretrieval.models.local.orb import OrbExtractor
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
+    assert ExtractionEngine(None, {"orb": OrbExtractor()}, streams=2).stream_threads() == [3, 2]
+    assert ExtractionEngine(None, {"orb": OrbExtractor()}, streams=1).stream_threads() == [5]
+    assert ExtractionEngine(None, {"orb": OrbExtractor()}, streams=8).stream_threads() == [1] * 8
+    assert ExtractionEngine(None, {"orb": OrbExtractor()}).stream_threads() == [2] + [1] * (MAX_AUTO_STREAMS - 1)
+
+
 def test_decoding_is_read_ahead_only_when_a_core_is_free(monkeypatch):
     """With torch's threads on every core a decoding thread stalls them, so the engine then decodes in line."""
     from hetretrieval.extraction.batching import ImagePlan, ImageSource

@@ -142,7 +142,7 @@ def study(cfg: DictConfig, output_dir: Path) -> dict[str, Path]:
     source = ImageSource(extraction.max_size, extraction.max_pixels)
     network = (RetrievalNetwork(backbone, global_heads, extraction.scales, None, extraction.scale_aggregation)
                if global_heads else None)
-    engine = ExtractionEngine(network, local, extraction.batch_size, extraction.num_workers).to(default_device())
+    engine = ExtractionEngine.from_options(network, local, extraction).to(default_device())
     plan = ImagePlan.scan(dataset.records, source)
     engine.prepare(dataset, plan)  # NetVLAD: k-means on the clean images before the study
     rows = variation_study(dataset, engine, plans, plan, options.queries_per_class, cfg.seed,

@@ -143,8 +143,7 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
     plan = ImagePlan.scan(dataset.records, source)
     device = default_device() if str(cfg.trainer.get("accelerator", "auto")) != "cpu" else "cpu"
     if network is not None:  # data-initialised heads (NetVLAD) learn from the images before extraction
-        engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers)
-        engine.to(device)
+        engine = ExtractionEngine.from_options(network, None, options).to(device)
         engine.prepare(dataset, plan)
         engine.cpu()
 
@@ -180,11 +179,9 @@ def _describe_and_evaluate(cfg: DictConfig, options: ExtractionOptions, evaluati
         log.info("descriptor cache hit for %s: nothing to extract", ", ".join(cache.hits))
         return run(None)
     missing = {n: h for n, h in global_heads.items() if n in cache.missing}
-    engine = ExtractionEngine(RetrievalNetwork(backbone, missing, options.scales, whitening, aggregation)
-                              if missing else None,
-                              {n: h for n, h in local.items() if n in cache.missing},
-                              options.batch_size, options.num_workers, precision=options.precision,
-                              channels_last=options.channels_last, pin_memory=options.pin_memory)
+    engine = ExtractionEngine.from_options(RetrievalNetwork(backbone, missing, options.scales, whitening, aggregation)
+                                           if missing else None,
+                                           {n: h for n, h in local.items() if n in cache.missing}, options)
     if trainer is None:
         return run(engine.to(device).extract(dataset.records, plan)) or None
     from hetretrieval.extraction.lightning import ExtractionModule
@@ -279,9 +276,7 @@ def _fit_test_time_whitening(cfg: DictConfig, whitening, dataset, backbone, head
         log.info("describing %d images of %s to fit %s-whitening", len(fit), fit.name, whitening.kind)
         network = RetrievalNetwork(backbone, {n: h for n, h in heads.items() if n in cache.missing}, options.scales,
                                    None, options.scale_aggregation)
-        engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers,
-                                  precision=options.precision, channels_last=options.channels_last,
-                                  pin_memory=options.pin_memory).to(device)
+        engine = ExtractionEngine.from_options(network, None, options).to(device)
         fresh = engine.extract(fit.records, source)
         engine.cpu()
     described = cache.complete(fresh)

@@ -74,11 +74,11 @@ def build_describer(nodes: DictConfig, device: str | None = None) -> Describer:
                           "collection and its queries would be described differently: choose gem, mac, spoc, "
                           "rmac or cls")
     network = RetrievalNetwork(backbone, heads, options.scales, None, options.scale_aggregation)
-    engine = ExtractionEngine(network, batch_size=options.batch_size, num_workers=options.num_workers)
-    engine.to(device or default_device())
+    engine = ExtractionEngine.from_options(network, None, options).to(device or default_device())
     source = ImageSource(options.max_size, options.max_pixels)
     key = DescriptorStore(None).key(extraction_fingerprint([], source, backbone, options.scales,
-                                                           options.scale_aggregation), HEAD, heads[HEAD])
+                                                           options.scale_aggregation, options.precision,
+                                                           options.channels_last), HEAD, heads[HEAD])
     return Describer(engine, backbone, heads[HEAD], source, options, key)
 
 
@@ -271,8 +271,7 @@ def _rerank(ranked, entries, rerank: DictConfig, describer: Describer, cfg: Dict
     from hetretrieval.models.factory import build_head
 
     local = build_head(rerank.local, describer.backbone)
-    engine = ExtractionEngine(None, {"rerank": local}, describer.options.batch_size, describer.options.num_workers)
-    engine.to(describer.engine.device)
+    engine = ExtractionEngine.from_options(None, {"rerank": local}, describer.options).to(describer.engine.device)
     search = typed(OmegaConf.create(OmegaConf.to_container(cfg.local_search, resolve=True)), LocalSearchOptions,
                    "local_search")
     verifier = instantiate(cfg.verification)

@@ -16,8 +16,10 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,11 +40,16 @@ from hetretrieval.extraction.batching import (
 from hetretrieval.models.local.features import LocalFeatures
 from hetretrieval.models.network import RetrievalNetwork
 
+if TYPE_CHECKING:
+    from hetretrieval.config import ExtractionOptions
+
 log = logging.getLogger(__name__)
 
 NOT_EXTRACTED = "not extracted (prediction stopped early: fast_dev_run or a batch limit)"
 LocalExtractor = Callable[[torch.Tensor], LocalFeatures]  # (3, H, W) in [0, 1] -> features (DELF, ORB)
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}  # extraction.precision -> autocast dtype
+# more Python threads dispatching a network's small ops would mostly wait for the GIL
+MAX_AUTO_STREAMS = 4
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,10 @@ class ExtractionEngine(nn.Module):
 
     `batch_size` images of one size per batch (`SizeBucketBatchSampler`); `num_workers` decoding processes;
     with none, the next batches are decoded in a background thread (PIL releases the GIL) where that overlaps
-    the forward pass (`batches`). `precision` "bf16" / "16" runs the network under autocast (on the CPU,
+    the forward pass (`batches`). On the CPU, `extract` runs `streams` forward passes at once, torch's threads
+    shared out among them (`stream_threads`): each stream decodes its own batches, so one decodes while the
+    others compute, and small per-thread passes use cores better than one pass parallelised across them (PIL
+    and torch's kernels release the GIL). `precision` "bf16" / "16" runs the network under autocast (on the CPU,
     "16" falls back to bf16, said once in the log); `channels_last` lays the network and batches out NHWC;
     `pin_memory` pins host batches when a CUDA device is present. At "32" without channels_last, descriptors
     are those of the plain forward, bit for bit.
@@ -100,12 +110,14 @@ class ExtractionEngine(nn.Module):
 
     def __init__(self, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None = None,
                  batch_size: int = 1, num_workers: int = 0, progress: bool = True, precision: str = "32",
-                 channels_last: bool = False, pin_memory: bool = True) -> None:
+                 channels_last: bool = False, pin_memory: bool = True, streams: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"extraction batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ConfigError(f"extraction num_workers must be >= 0, got {num_workers}")
+        if streams is not None and streams < 1:
+            raise ConfigError(f"extraction streams must be >= 1 or None, got {streams}")
         if str(precision) not in PRECISIONS:
             raise ConfigError(f"extraction precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if network is None and not local:
@@ -116,9 +128,17 @@ class ExtractionEngine(nn.Module):
         self.local_modules = nn.ModuleDict({k: v for k, v in self.local.items() if isinstance(v, nn.Module)})
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.precision, self.channels_last, self.pin_memory = str(precision), channels_last, pin_memory
+        self.streams = streams
         if channels_last and network is not None:
             network.to(memory_format=torch.channels_last)
         self._warned_fp16_on_cpu = False
+
+    @classmethod
+    def from_options(cls, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None,
+                     options: ExtractionOptions, progress: bool = True) -> ExtractionEngine:
+        """The engine that `extraction.*` (`options`) configures."""
+        return cls(network, local, options.batch_size, options.num_workers, progress, options.precision,
+                   options.channels_last, options.pin_memory, options.streams)
 
     @property
     def head_names(self) -> list[str]:
@@ -146,6 +166,14 @@ class ExtractionEngine(nn.Module):
         loader = self.loader(records, plan, ids, rank, world_size)
         overlaps = self.device.type != "cpu" or torch.get_num_threads() < _cpu_cores()
         return ReadAhead(loader, depth=2) if overlaps and not self.num_workers else loader
+
+    def stream_threads(self) -> list[int]:
+        """The torch threads of each of the forward passes `extract` runs at once: on the CPU, torch's threads
+        shared out among `streams` (None: one stream per thread, at most `MAX_AUTO_STREAMS`), each at least 1;
+        a single stream with all of them on an accelerator."""
+        threads = torch.get_num_threads()
+        count = 1 if self.device.type != "cpu" else self.streams or min(threads, MAX_AUTO_STREAMS)
+        return [max(1, threads // count + (i < threads % count)) for i in range(count)]
 
     @torch.inference_mode()
     def describe_batch(self, batch: dict, views: Mapping[str, View] | None = None) -> dict:
@@ -215,9 +243,17 @@ class ExtractionEngine(nn.Module):
         collector = self.collector(len(records), plan, int(wanted.sum()))
         modes = {module: module.training for module in self.modules()}
         self.eval()
+        describe = partial(self.describe_batch, views=views)
+        threads = self.stream_threads()
+        if len(threads) == 1:
+            described = map(describe, self.batches(records, plan, ids))
+        else:
+            log.info("describing in %d CPU streams of %s torch thread(s)", len(threads),
+                     "/".join(str(t) for t in sorted(set(threads))))
+            described = in_threads(self.loader(records, plan, ids), describe, threads)
         try:
-            for batch in self.batches(records, plan, ids):
-                collector.add(self.describe_batch(batch, views))
+            for output in described:
+                collector.add(output)
         finally:  # each module back to its own mode (frozen batch-norm layers stay frozen)
             for module, training in modes.items():
                 module.training = training
@@ -326,7 +362,7 @@ def finalize(extraction: Extraction, plan: ImagePlan, ids: Sequence[int] | None 
 
 class ReadAhead:
     """`batches` (an iterable with a length) iterated in a daemon thread, up to `depth` items ahead, so that
-    decoding overlaps the consumer's forward pass; the producer's exceptions are re-raised in the consumer."""
+    decoding overlaps the consumer's forward pass (`in_threads` with one thread)."""
 
     def __init__(self, batches, depth: int) -> None:
         self.batches, self.depth = batches, depth
@@ -335,42 +371,65 @@ class ReadAhead:
         return len(self.batches)
 
     def __iter__(self) -> Iterator:
-        return _read_ahead(self.batches, self.depth)
+        return in_threads(self.batches, depth=self.depth, name="hetretrieval-decode")
 
 
-def _read_ahead(batches, depth: int) -> Iterator:
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
+def in_threads(items: Iterable, fn: Callable | None = None, torch_threads: Sequence[int | None] = (None,),
+               depth: int = 2, name: str = "hetretrieval-extract") -> Iterator:
+    """`fn(item)` for every item of `items` (the item itself if `fn` is None), computed by one daemon thread
+    per entry of `torch_threads` (that thread's torch thread count; None: as it is), named `name` (`name-<i>`
+    for several), which take the items in turn from the one shared iterator; yielded as they finish (in order
+    with one thread), up to `depth` per thread ahead of the consumer. A thread's exception is re-raised in the
+    consumer. When the consumer stops, the threads stop after their current item and torch's thread count is
+    restored (it is process-wide)."""
+    source, lock, stop, done = iter(items), threading.Lock(), threading.Event(), object()
+    results: queue.Queue = queue.Queue(maxsize=depth * len(torch_threads))
 
-    def put(item) -> bool:
+    def put(result) -> bool:
         while not stop.is_set():
             try:
-                items.put(item, timeout=0.1)
+                results.put(result, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def work(threads: int | None) -> None:
         try:
-            for item in batches:
-                if not put(item):
-                    return
+            if threads is not None:
+                torch.set_num_threads(threads)
+            while not stop.is_set():
+                with lock:
+                    item = next(source, done)
+                if item is done or not put(item if fn is None else fn(item)):
+                    break
         except BaseException as error:  # handed to the consumer, which raises it
             put(error)
             return
         put(done)
 
-    thread = threading.Thread(target=produce, name="hetretrieval-decode", daemon=True)
-    thread.start()
+    restore = torch.get_num_threads()
+    workers = [threading.Thread(target=work, args=(threads,), daemon=True,
+                                name=name if len(torch_threads) == 1 else f"{name}-{i}")
+               for i, threads in enumerate(torch_threads)]
+    for worker in workers:
+        worker.start()
     try:
-        while (item := items.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:  # the consumer stopped (done, an error, or abandoned): let the producer end
+        running = len(workers)
+        while running:
+            result = results.get()
+            if result is done:
+                running -= 1
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                yield result
+    finally:  # the consumer stopped (done, an error, or abandoned): let the threads end
         stop.set()
-        thread.join()
+        for worker in workers:
+            worker.join()
+        if any(threads is not None for threads in torch_threads):
+            torch.set_num_threads(restore)
 
 
 def _cpu_cores() -> int:
