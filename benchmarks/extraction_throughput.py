@@ -104,7 +104,10 @@ def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, ba
     for count in threads:
         torch.set_num_threads(count)
         print(f" {count} torch thread(s), {repeats} interleaved rounds after 1 warm-up round:")
-        timings = interleave(runs, repeats)
+        one_stream = {f"extract b{size}, 1 stream": lambda size=size: _check(
+            ExtractionEngine(network, batch_size=size, progress=False, streams=1).extract(records, source))
+            for size in batch_sizes} if count > 1 else {}
+        timings = interleave({**runs, **one_stream}, repeats)
         for label, seconds in timings.items():
             print_times(label, seconds, n)
         naive_target = ">= 1.0" if count == 1 else ">= 1.3"
@@ -114,6 +117,8 @@ def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, ba
             vs_forward = print_ratio(f"b{size} extract/streams", extract, timings[f"streams b{size}"], ">= 0.95",
                                      invert=True)
             vs_naive = print_ratio(f"b{size} extract/naive", extract, timings["naive"], naive_target, invert=True)
+            if count > 1:
+                print_ratio(f"b{size} extract/1 stream", extract, timings[f"extract b{size}, 1 stream"], invert=True)
             if lightning:
                 print_ratio(f"b{size} predict/extract", timings[f"predict b{size}"], extract, invert=True)
             rows.append((name, count, size, n / statistics.median(extract), *vs_forward, *vs_naive))

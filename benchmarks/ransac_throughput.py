@@ -91,11 +91,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--confidence", type=float, default=0.999, help="OpenCV's early-stopping confidence")
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per batched RANSAC call")
-    parser.add_argument("--threads", type=int, default=1, help="torch and OpenCV threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch and OpenCV thread counts")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cv2.setNumThreads(args.threads)
 
     rng = np.random.default_rng(0)
     images = []
@@ -113,40 +111,48 @@ def main() -> None:
     print(
         f"{len(images)} images, {len(pairs)} pairs ({positive.sum()} same photo or scene), "
         f"correspondences per pair: median {np.median(sizes):.0f}, max {max(sizes)}; "
-        f"threshold {args.threshold} px, {args.iterations} iterations, {args.threads} thread(s)"
+        f"threshold {args.threshold} px, {args.iterations} iterations"
     )
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+        print(f"\n=== {threads} thread(s) ===")
+        for model in ("affine", "homography"):
+            compare(model, pairs, positive, args)
 
-    for model in ("affine", "homography"):
-        options = {"model": model, "threshold": args.threshold, "iterations": args.iterations,
-                   "batch_size": args.batch_size}
-        verifiers = {
-            "batched": GeometricVerifier(backend="batched", confidence=args.confidence, **options),
-            "batched, confidence 1": GeometricVerifier(backend="batched", confidence=1.0, **options),
-            "opencv backend (+ refit)": GeometricVerifier(backend="opencv", confidence=args.confidence, **options),
-        }
-        counts: dict[str, np.ndarray] = {}
-        reference = f"OpenCV per pair (confidence {args.confidence})"
-        runs = {label: recording(counts, label, partial(verifier_counts, verify, pairs))
-                for label, verify in verifiers.items()}
-        runs[reference] = recording(counts, reference, partial(opencv_counts, pairs, model, args))
-        timings = interleave(runs, args.repeats)
-        auto = GeometricVerifier(confidence=args.confidence, **options).resolved_backend
-        print(f"\n{model} (backend=auto picks {auto})")
-        for label, seconds in timings.items():
-            print(f"  {label:<36} {summary(seconds, len(pairs), unit='pairs/s')}   n={len(seconds)}")
-        for label in verifiers:
-            print_ratio(f"{label} / OpenCV (pairs/s)", timings[label], timings[reference], invert=True, width=50)
-        opencv = counts[reference]
-        for label in verifiers:
-            found = counts[label]
-            difference = np.abs(found - opencv)
-            within = difference <= np.maximum(5, 0.1 * np.maximum(found, opencv))
-            print(
-                f"  {label:28s} inliers: same photo/scene median {np.median(found[positive]):.0f}, unrelated "
-                f"median {np.median(found[~positive]):.0f} max {found[~positive].max()}; vs OpenCV: |diff| "
-                f"mean {difference.mean():.2f} max {difference.max()}, within max(5, 10%) {within.mean():.1%}, "
-                f"Spearman {spearmanr(found, opencv)[0]:.3f}"
-            )
+
+def compare(model: str, pairs: list, positive: np.ndarray, args: argparse.Namespace) -> None:
+    """Time every backend against OpenCV per pair on `pairs` with `model`, and print their agreement."""
+    options = {"model": model, "threshold": args.threshold, "iterations": args.iterations,
+               "batch_size": args.batch_size}
+    verifiers = {
+        "batched": GeometricVerifier(backend="batched", confidence=args.confidence, **options),
+        "batched, confidence 1": GeometricVerifier(backend="batched", confidence=1.0, **options),
+        "opencv backend (+ refit)": GeometricVerifier(backend="opencv", confidence=args.confidence, **options),
+    }
+    counts: dict[str, np.ndarray] = {}
+    reference = f"OpenCV per pair (confidence {args.confidence})"
+    runs = {label: recording(counts, label, partial(verifier_counts, verify, pairs))
+            for label, verify in verifiers.items()}
+    runs[reference] = recording(counts, reference, partial(opencv_counts, pairs, model, args))
+    timings = interleave(runs, args.repeats)
+    auto = GeometricVerifier(confidence=args.confidence, **options).resolved_backend
+    print(f"\n{model} (backend=auto picks {auto})")
+    for label, seconds in timings.items():
+        print(f"  {label:<36} {summary(seconds, len(pairs), unit='pairs/s')}   n={len(seconds)}")
+    for label in verifiers:
+        print_ratio(f"{label} / OpenCV (pairs/s)", timings[label], timings[reference], invert=True, width=50)
+    opencv = counts[reference]
+    for label in verifiers:
+        found = counts[label]
+        difference = np.abs(found - opencv)
+        within = difference <= np.maximum(5, 0.1 * np.maximum(found, opencv))
+        print(
+            f"  {label:28s} inliers: same photo/scene median {np.median(found[positive]):.0f}, unrelated "
+            f"median {np.median(found[~positive]):.0f} max {found[~positive].max()}; vs OpenCV: |diff| "
+            f"mean {difference.mean():.2f} max {difference.max()}, within max(5, 10%) {within.mean():.1%}, "
+            f"Spearman {spearmanr(found, opencv)[0]:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -226,6 +226,21 @@ def test_geometric_verifier_keeps_input_order(backend, refine):
         np.testing.assert_array_equal(mask, expected if len(src) >= 3 else np.zeros(len(src), bool))
 
 
+def test_opencv_backend_gives_the_same_inliers_in_any_number_of_threads():
+    pairs = [synthetic_pair(AFFINE, n, 0.6, seed)[:2] for seed, n in enumerate([30, 80, 12, 150, 40, 60, 5])]
+    verify = GeometricVerifier(threshold=THRESHOLD, backend="opencv")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = verify(pairs)
+        torch.set_num_threads(3)
+        threaded = verify(pairs)
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(serial, threaded, strict=True):
+        np.testing.assert_array_equal(one, three)
+
+
 def test_bad_configuration_raises_config_error():
     with pytest.raises(ConfigError):
         GeometricVerifier(model="similarity")

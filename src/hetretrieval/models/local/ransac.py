@@ -8,7 +8,8 @@ Two implementations of one estimator (sample minimal sets, fit, count correspond
 - `ransac_batched` (torch): many pairs at once. Correspondence sets are padded to a common `M` with a validity
   mask; minimal samples are drawn up front (fixed seed: deterministic), then solved and scored as batched
   tensor ops, a chunk of hypotheses at a time; after each chunk, pairs that reached their `N` leave the batch.
-- `ransac_opencv`: OpenCV's `cv2.estimateAffine2D` / `cv2.findHomography` on one pair (its own fixed seed).
+- `ransac_opencv`: OpenCV's `cv2.estimateAffine2D` / `cv2.findHomography` on one pair (its own fixed seed);
+  `GeometricVerifier` runs the pairs in `torch.get_num_threads()` threads, as OpenCV's RANSAC is serial.
 Either way the best model can then be refit by least squares on its inliers (`refine_models`).
 
 `GeometricVerifier(backend="auto")` picks per model the faster one, as measured by
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -435,6 +437,23 @@ class GeometricVerifier:
             return "batched"
         return CPU_BACKEND[self.model]
 
+    def _opencv(self, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`ransac_opencv` on every pair, in `torch.get_num_threads()` threads (OpenCV's RANSAC is serial and
+        releases the GIL; each call seeds its own generator, so the results do not depend on the threads)."""
+        def solve(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+            return [ransac_opencv(src, dst, self.model, self.threshold, self.iterations, self.confidence)
+                    for src, dst in pairs]
+
+        workers = min(torch.get_num_threads(), len(batch))
+        if workers <= 1:
+            return solve(batch)
+        found: list = [None] * len(batch)
+        with ThreadPoolExecutor(workers, thread_name_prefix="hetretrieval-ransac") as pool:
+            # interleaved slices: the pairs come sorted by size, so each thread gets a like share of the work
+            for start, part in enumerate(pool.map(solve, [batch[k::workers] for k in range(workers)])):
+                found[start::workers] = part
+        return found
+
     def _verify(self, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """One batch of pairs -> their inlier masks."""
         if self.resolved_backend == "batched":
@@ -442,8 +461,7 @@ class GeometricVerifier:
             inliers = ransac_batched(src, dst, valid, self.model, self.threshold, self.iterations, self.seed,
                                      self.refine, self.confidence).inliers.cpu().numpy()
         else:
-            found = [ransac_opencv(points_src, points_dst, self.model, self.threshold, self.iterations,
-                                   self.confidence) for points_src, points_dst in batch]
+            found = self._opencv(batch)
             if not self.refine:
                 return [mask for mask, _ in found]
             if self.model == "affine":  # refit the concatenated pairs, no padding
