@@ -1,16 +1,21 @@
 """Descriptor extraction throughput: `ExtractionEngine.extract` vs the pure model forward vs a naive batch-1 loop.
 
 Ways of describing the same images with EfficientNet-Lite0 + GeM (`RetrievalNetwork`, one scale), timed
-interleaved (extract, forward, naive, extract, ...) after one untimed warm-up round of each:
+interleaved (extract, forward, streams, naive, ...) after one untimed warm-up round of each:
 
   extract  end to end: `ExtractionEngine(network, batch_size=b).extract(records, ImageSource(...))`, i.e. the
-           header scan (`ImagePlan.scan`), decoding two batches ahead in a background thread (num_workers 0),
-           size-bucketed batches of b, the forward pass and the collection of descriptors in record order;
-  forward  the model alone on the same batch plan: every batch decoded beforehand (untimed), then only
-           `network(batch["images"])` per batch is timed: the ceiling of extract;
+           header scan (`ImagePlan.scan`), size-bucketed batches of b, the forward passes and the collection
+           of descriptors in record order. With one torch thread, decoding runs two batches ahead in a
+           background thread; with more, in `extraction.streams` (default: one per thread) 1-thread forward
+           streams, each decoding its own batches (`ExtractionEngine.stream_threads`);
+  forward  the model alone on the same batch plan, in this thread at all torch threads: every batch decoded
+           beforehand (untimed), then only `network(batch["images"])` per batch is timed (the issue's ceiling);
+  streams  the same predecoded forward passes run as extract runs them, in its streams (at 1 thread: forward
+           again): the ceiling of extract, whose remaining gap is the decoding's own CPU time;
   naive    one image at a time, as cirtorch extracts: `load_image(path, max_size)` then `network(image[None])`;
+  1 stream (more than one thread) extract with `streams=1`: one forward pass on all threads, decoding in line;
   predict  (`--lightning`) the same engine driven by Lightning: `Trainer(accelerator="cpu").predict(
-           ExtractionModule(...))`, as DDP and fast_dev_run evaluations run it; same read-ahead batches.
+           ExtractionModule(...))`, as DDP and fast_dev_run evaluations run it (one stream).
 
 `--batch-size 1 4` times extract and forward at each batch size (default: `ExtractionOptions().batch_size`,
 the configured default). The warm-up is a whole pass, not one batch: heritage-wild's images are of many
@@ -19,20 +24,23 @@ sizes, and the first forward of each new shape costs several times a later one.
 Data: pacs-dev (the first `--per-class` images of every domain x class: 8 -> 224 images, all 227x227 at
 max_size 800, one size bucket) and heritage-wild (all 40 images, max_size 512: 33 distinct shapes, so mostly
 batches of one), from ../shared/data, at each of `--threads` torch thread counts. Prints min and median seconds
-(and images/s) of each way, and ratios of images/s (of mins, of medians): extract/forward (issue 15 target
->= 0.95), extract/naive (>= 1.0 at 1 thread, >= 1.3 at 2), and predict/extract. About 3 minutes on the idle
-2-core machine (`--quick`: 2 rounds, 112 pacs images); much longer when other jobs share the cores, 2-thread
-runs most of all (their OpenMP threads then wait on each other).
+(and images/s) of each way, and ratios of images/s (of mins, of medians): extract/forward and extract/streams
+(issue 15 target >= 0.95), extract/naive (>= 1.0 at 1 thread, >= 1.3 at 2), extract/1 stream and
+predict/extract. About 6 minutes on the idle 2-core machine (`--quick`: 2 rounds, 112 pacs images); much
+longer when other jobs share the cores, 2-thread runs most of all.
 
     .venv/bin/python benchmarks/extraction_throughput.py [--threads 1 2] [--batch-size 1 4] [--lightning] [--quick]
 
-Measured on the 2-core machine, nearly idle (`--quick --threads 1 2 --batch-size 1 4`; ratios of images/s,
-of mins / of medians), batch 1 (the default): pacs-dev 1 thread 33.3 images/s, extract/forward 1.061/1.018,
-extract/naive 1.058/1.047; 2 threads 42.5 images/s, 1.019/0.968, 1.028/1.002. heritage-wild 1 thread
-11.7 images/s, 0.968/0.956, 1.197/1.178; 2 threads 10.7 images/s, 0.771/0.773, 0.986/0.982 (decoding in line:
-with torch on both cores a read-ahead thread made pacs-dev 2.0x slower). Batch 4 / batch 1: pacs-dev
-0.794/0.830 at 1 thread, 0.955/1.004 at 2; heritage-wild 0.976/0.992 and 1.017/0.996. Under load from other
-jobs the times rose 2-20x and their ratios meant little.
+Measured on the 2-core machine, load ~1 (`--threads 1 2`, batch 1, 3 rounds; ratios of images/s, of mins /
+of medians), two runs of 2026-12-03: pacs-dev 1 thread 38.7-46.0 images/s, extract/forward 0.955/0.958 and
+1.077/1.010, extract/naive 0.988/1.017 and 1.124/1.136; 2 threads 64 images/s, extract/forward 1.162/1.233
+and 1.134/1.160, extract/streams 0.875/0.870 and 0.878/0.870, extract/naive 1.267/1.284 and 1.238/1.222,
+extract/1 stream 1.427/1.444. heritage-wild 1 thread 14.6-15.1 images/s, extract/forward 0.946/0.953 and
+0.959/0.965, extract/naive 1.207/1.186 and 1.207/1.206; 2 threads 20 images/s, extract/forward 1.166/1.151
+and 1.163/1.126, extract/streams 0.767/0.760 and 0.786/0.753, extract/naive 1.500/1.492 and 1.504/1.440,
+extract/1 stream 1.456/1.458. Decoding in worker processes (`num_workers=1`) instead was slower at 2 threads
+(pacs-dev 0.90x, heritage-wild 0.61x of the streams). Batch 4 / batch 1 (earlier, one stream): pacs-dev
+0.794/0.830 at 1 thread, 0.955/1.004 at 2; heritage-wild 0.976/0.992 and 1.017/0.996.
 """
 
 from __future__ import annotations

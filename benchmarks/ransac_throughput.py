@@ -12,13 +12,19 @@ Timings are interleaved (benchmarks/_interleave.py; extraction and matching excl
 and the ratio of each path's rate to the reference's, then the agreement of its inlier counts with the
 reference (within max(5, 10%)), and the backend `auto` picks.
 
-    .venv/bin/python benchmarks/ransac_throughput.py [--views 3] [--threads 1] [--repeats 3]
+    .venv/bin/python benchmarks/ransac_throughput.py [--views 3] [--threads 1 2] [--repeats 3]
 
-Measured on the shared 2-core CPU at a quiet moment (276 pairs, 1 thread, 5 repeats; rate ratios to OpenCV,
-mins / medians): affine, batched 0.105 / 0.105, batched at confidence 1 0.072 / 0.072, opencv backend + refit
-(the `auto` choice) 0.889 / 0.873 (0.63 / 0.61 with the padded refit before; the refit now takes 3.4 ms of the
-77 ms, OpenCV 68 ms); homography, batched (the `auto` choice) 2.76 / 2.66, at confidence 1 2.15 / 2.04.
-Inliers within max(5, 10%) of OpenCV's: affine 96.7% (batched), 98.9% (opencv + refit); homography 98.2%.
+`--threads`: each count sets torch's and OpenCV's threads; the opencv backend runs its pairs in torch's
+threads, while OpenCV per pair (the reference) is serial at any count.
+
+Measured on the shared 2-core CPU, load ~1 (276 pairs, 5 repeats, 2026-12-03; rate ratios to OpenCV, mins /
+medians): 1 thread: affine, batched 0.122 / 0.120, batched at confidence 1 0.087 / 0.086, opencv backend +
+refit (the `auto` choice) 0.910 / 0.906 (the refit and the batching around OpenCV cost ~6 ms of the ~60; 0.63
+/ 0.61 with the earlier padded refit); homography, batched (the `auto` choice) 3.54 / 3.51, at confidence 1
+2.65 / 2.56. 2 threads: affine opencv backend + refit 1.545 / 1.520, batched 0.178 / 0.181; homography
+batched 5.13 / 4.89. Inliers within max(5, 10%) of OpenCV's: affine 96.7% (batched), 98.9% (opencv + refit);
+homography 98.2% (batched). (Not a backend here: OpenCV's `USAC_FAST` homography ran 70x faster than its
+`RANSAC` with 99.3% agreement; for affine every USAC variant was 0.35-0.61x of `RANSAC`.)
 """
 
 from __future__ import annotations

@@ -68,8 +68,8 @@ class ExtractionOptions:
     # pacs-dev at 1 thread, 0.96-1.00 at 2; heritage-wild 0.98-1.02)
     num_workers: int = 0  # data-loading worker processes
     # concurrent forward passes on the CPU, torch's threads shared out among them; null: one per torch thread,
-    # at most 4 (2 cores: two 1-thread streams describe 1.2x faster than one 2-thread pass, bit for bit as at
-    # 1 thread; benchmarks/extraction_throughput.py). An accelerator runs one stream.
+    # at most 4 (2 cores: two 1-thread streams describe 1.43-1.46x faster than one 2-thread pass, bit for bit as
+    # at 1 thread; benchmarks/extraction_throughput.py). An accelerator runs one stream.
     streams: int | None = None
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale extraction (e.g. [1, 0.707, 0.5])
     scale_aggregation: str = "mean"  # how per-scale descriptors combine: mean | gem (cirtorch's msp power mean)

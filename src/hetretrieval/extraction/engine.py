@@ -105,7 +105,8 @@ class ExtractionEngine(nn.Module):
     and torch's kernels release the GIL). `precision` "bf16" / "16" runs the network under autocast (on the CPU,
     "16" falls back to bf16, said once in the log); `channels_last` lays the network and batches out NHWC;
     `pin_memory` pins host batches when a CUDA device is present. At "32" without channels_last, descriptors
-    are those of the plain forward, bit for bit.
+    are those of the plain forward at the stream's torch thread count, bit for bit (other thread counts sum
+    in another order: within 1e-6).
     """
 
     def __init__(self, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None = None,
