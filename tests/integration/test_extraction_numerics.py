@@ -3,6 +3,7 @@ at their thread count), bf16 and aspect buckets move descriptors by the document
 back to bf16 once, the options reach the store key."""
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -38,6 +39,22 @@ def exact(records, network):
     return ExtractionEngine(network, batch_size=4, progress=False, streams=1).extract(records, ImageSource(MAX_SIZE))
 
 
+@pytest.fixture
+def decoded_in(monkeypatch) -> set[str]:
+    """The names of the threads that decode images, filled as a test extracts."""
+    from hetretrieval.extraction.batching import ImageFileDataset
+
+    names: set[str] = set()
+    read = ImageFileDataset.__getitem__
+
+    def spy(self, index):
+        names.add(threading.current_thread().name)
+        return read(self, index)
+
+    monkeypatch.setattr(ImageFileDataset, "__getitem__", spy)
+    return names
+
+
 def test_exact_fp32_is_the_plain_forward_bit_for_bit(records, network, exact):
     """The read-ahead thread and the autocast context change nothing: the same batches through the bare
     network give the same bits (and batch 1 from `load_image` agrees to 1e-5)."""
@@ -52,21 +69,9 @@ def test_exact_fp32_is_the_plain_forward_bit_for_bit(records, network, exact):
     np.testing.assert_allclose(exact.descriptors["gem"], single, atol=1e-5)
 
 
-def test_cpu_streams_are_the_one_thread_forward_bit_for_bit(records, network, exact, monkeypatch):
+def test_cpu_streams_are_the_one_thread_forward_bit_for_bit(records, network, exact, decoded_in):
     """Two 1-thread streams, each decoding its own batches, give the bits of the plain forward at 1 thread
     (within 1e-6 of one stream on all threads), and leave torch's thread count as it was."""
-    import threading
-
-    from hetretrieval.extraction.batching import ImageFileDataset
-
-    decoded_in = set()
-    read = ImageFileDataset.__getitem__
-
-    def spy(self, index):
-        decoded_in.add(threading.current_thread().name)
-        return read(self, index)
-
-    monkeypatch.setattr(ImageFileDataset, "__getitem__", spy)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -85,28 +90,17 @@ def test_cpu_streams_are_the_one_thread_forward_bit_for_bit(records, network, ex
     np.testing.assert_allclose(streamed.descriptors["gem"], exact.descriptors["gem"], atol=1e-6)
 
 
-def test_lightning_predict_reads_ahead_and_matches_extract(records, network, exact, monkeypatch):
+def test_lightning_predict_reads_ahead_and_matches_extract(records, network, exact, decoded_in, monkeypatch):
     """`ExtractionModule` iterates the engine's own read-ahead batches: images are decoded in the background
     thread (torch on fewer threads than cores), not in Lightning's loop; descriptors are `extract`'s bit for bit."""
-    import threading
-
     import pytorch_lightning as pl
 
-    from hetretrieval.extraction.batching import ImageFileDataset
     from hetretrieval.extraction.engine import _cpu_cores
     from hetretrieval.extraction.lightning import ExtractionModule
 
     if _cpu_cores() < 2:
         pytest.skip("one CPU core: decoding never overlaps the forward, so it is not read ahead")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a core left free: the engine reads ahead
-    decoded_in = set()
-    read = ImageFileDataset.__getitem__
-
-    def spy(self, index):
-        decoded_in.add(threading.current_thread().name)
-        return read(self, index)
-
-    monkeypatch.setattr(ImageFileDataset, "__getitem__", spy)
     module = ExtractionModule(ExtractionEngine(network, batch_size=4, progress=False), records,
                               ImagePlan.scan(records, ImageSource(MAX_SIZE)))
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
