@@ -116,6 +116,34 @@ def test_in_threads_maps_every_item_once_in_its_threads_and_restores_torch_threa
     assert torch.get_num_threads() == before
 
 
+def test_streams_stop_and_restore_torch_threads_when_the_consumer_fails(tmp_path, monkeypatch):
+    """An error while collecting a streamed batch ends the extraction at once: no stream thread is left
+    running and torch's thread count is what it was."""
+    import threading
+
+    import pytest
+    from PIL import Image
+
+    from hetretrieval.data.datasets import ImageRecord
+    from hetretrieval.extraction.batching import ImageSource
+    from hetretrieval.extraction.engine import Collector, ExtractionEngine
+    from hetretrieval.models.local.orb import OrbExtractor
+
+    for i in range(8):
+        Image.new("RGB", (20 + i, 10), "red").save(tmp_path / f"{i}.png")
+    records = [ImageRecord(tmp_path / f"{i}.png", "x") for i in range(8)]
+
+    def fail(self, output):
+        raise RuntimeError("collector broke")
+
+    monkeypatch.setattr(Collector, "add", fail)
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="collector broke") as failure:  # its traceback keeps extract's frame
+        ExtractionEngine(None, {"orb": OrbExtractor()}, progress=False, streams=2).extract(records, ImageSource())
+    assert failure.traceback and torch.get_num_threads() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("hetretrieval-extract")]
+
+
 def test_streams_share_out_torch_threads(monkeypatch):
     from hetretrieval.extraction.engine import MAX_AUTO_STREAMS, ExtractionEngine
     from hetretrieval.models.local.orb import OrbExtractor

@@ -247,7 +247,7 @@ class ExtractionEngine(nn.Module):
         describe = partial(self.describe_batch, views=views)
         threads = self.stream_threads()
         if len(threads) == 1:
-            described = map(describe, self.batches(records, plan, ids))
+            described = (describe(batch) for batch in self.batches(records, plan, ids))
         else:
             log.info("describing in %d CPU streams of %s torch thread(s)", len(threads),
                      "/".join(str(t) for t in sorted(set(threads))))
@@ -255,8 +255,9 @@ class ExtractionEngine(nn.Module):
         try:
             for output in described:
                 collector.add(output)
-        finally:  # each module back to its own mode (frozen batch-norm layers stay frozen)
-            for module, training in modes.items():
+        finally:
+            described.close()  # the streams stop now, even on an error
+            for module, training in modes.items():  # each back to its own mode (frozen batch-norm stays frozen)
                 module.training = training
         return collector.finish(ids, gather)
 
