@@ -1,6 +1,7 @@
 """Size buckets, DDP sharding and the de-duplicating gather."""
 
 import numpy as np
+import pytest
 import torch
 
 from hetretrieval.extraction.batching import SizeBucketBatchSampler, collate_same_size, merge_gathered
@@ -25,6 +26,24 @@ def test_merge_restores_order_and_drops_duplicates():
     descriptors, valid = merge_gathered(parts, 5)
     np.testing.assert_array_equal(descriptors[:, 0], [0, 0, 2, 0, 4])
     np.testing.assert_array_equal(valid, [True, False, True, False, True])
+
+
+def test_merge_in_chunks_into_an_allocated_array_keeps_first_occurrences(monkeypatch):
+    monkeypatch.setattr("hetretrieval.extraction.batching.MERGE_ROWS", 2)
+    parts = [(np.array([3, 1, 1, 3, 0]), np.array([[3.0], [1.0], [7.0], [8.0], [0.5]])),
+             (np.array([2, 1]), np.array([[2.0], [9.0]]))]
+    shapes = []
+
+    def allocate(shape):
+        shapes.append(shape)
+        return np.zeros(shape, dtype=np.float16)
+
+    descriptors, valid = merge_gathered(parts, 5, "gem", allocate)
+    assert shapes == [(5, 1)] and descriptors.dtype == np.float16
+    np.testing.assert_array_equal(descriptors[:, 0], [0.5, 1, 2, 3, 0])
+    np.testing.assert_array_equal(valid, [True, True, True, True, False])
+    with pytest.raises(RuntimeError, match="gem descriptors of different sizes"):
+        merge_gathered([(np.array([0]), np.zeros((1, 2))), (np.array([1]), np.zeros((1, 3)))], 2, "gem")
 
 
 def test_collate_separates_failures():
@@ -71,8 +90,6 @@ def test_aspect_shape_keeps_capped_longer_side_and_snaps_to_stride():
 
 
 def test_read_ahead_yields_in_order_and_reraises_errors():
-    import pytest
-
     from hetretrieval.extraction.engine import ReadAhead
 
     ahead = ReadAhead(range(7), depth=2)
@@ -96,8 +113,6 @@ def test_read_ahead_yields_in_order_and_reraises_errors():
 
 
 def test_in_threads_maps_every_item_once_in_its_threads_and_restores_torch_threads():
-    import pytest
-
     from hetretrieval.extraction.engine import in_threads
 
     before = torch.get_num_threads()
@@ -121,7 +136,6 @@ def test_streams_stop_and_restore_torch_threads_when_the_consumer_fails(tmp_path
     running and torch's thread count is what it was."""
     import threading
 
-    import pytest
     from PIL import Image
 
     from hetretrieval.data.datasets import ImageRecord

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 Box = tuple[float, float, float, float]
 
 BUCKETINGS = ("exact", "aspect")  # extraction.bucketing
+# rows copied at a time by `merge_gathered` (bounds the memory of merging memory-mapped shards: 128 MiB at 2048-D)
+MERGE_ROWS = 16384
 # short / long side ratios of the `aspect` buckets (square to 1:3), compared in log space
 ASPECT_RATIOS = (1.0, 4 / 5, 3 / 4, 2 / 3, 3 / 5, 9 / 16, 1 / 2, 2 / 5, 1 / 3)
 
@@ -210,21 +212,27 @@ class SizeBucketBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def merge_gathered(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-rank `(indices (n_r,), descriptors (n_r, D))` -> `descriptors (N, D)` in dataset order, `valid (N,)`.
+def merge_gathered(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_images: int, head: str = "",
+                   allocate: Callable[[tuple[int, int]], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank `(indices (n_r,), descriptors (n_r, D))` of `head` -> `descriptors (N, D)` in dataset order,
+    `valid (N,)`.
 
     Duplicates (a sampler that pads by repeating items) keep their first occurrence; images no rank described
-    stay zero with `valid` False.
+    stay zero with `valid` False. The result is `allocate((N, D))` (zeroed, e.g. a memory map; default float32
+    zeros), filled `MERGE_ROWS` rows at a time so that memory-mapped parts are never read whole.
     """
-    dims = {p[1].shape[1] for p in parts if p[1].size}
+    dims = {values.shape[1] for _, values in parts if len(values)}
     if len(dims) > 1:
-        raise RuntimeError(f"ranks produced descriptors of different sizes {sorted(dims)}")
-    descriptors = np.zeros((n_images, dims.pop() if dims else 0), dtype=np.float32)
+        raise RuntimeError(f"ranks produced {head or 'the'} descriptors of different sizes {sorted(dims)}")
+    shape = (n_images, dims.pop() if dims else 0)
+    descriptors = allocate(shape) if allocate is not None else np.zeros(shape, dtype=np.float32)
     valid = np.zeros(n_images, dtype=bool)
     for indices, values in parts:
-        fresh = _first_occurrence(indices) & ~valid[indices]
-        descriptors[indices[fresh]] = values[fresh]
-        valid[indices[fresh]] = True
+        for start in range(0, indices.size, MERGE_ROWS):
+            rows = indices[start:start + MERGE_ROWS]
+            fresh = _first_occurrence(rows) & ~valid[rows]
+            descriptors[rows[fresh]] = values[start:start + MERGE_ROWS][fresh]
+            valid[rows] = True
     return descriptors, valid
 
 

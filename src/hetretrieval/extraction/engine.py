@@ -332,7 +332,7 @@ class Collector:
         heads = {name for part in gathered for name in part[1]}
         for name in sorted(heads):
             extraction.descriptors[name], valid_head = merge_gathered(
-                [(part[0], part[1][name]) for part in gathered if name in part[1]], self.n_images)
+                [(part[0], part[1][name]) for part in gathered if name in part[1]], self.n_images, name)
             valid |= valid_head
         for part in gathered:
             valid[part[0]] = True

@@ -31,7 +31,7 @@ from torch import nn
 from hetretrieval.data.datasets import ImageRecord
 from hetretrieval.data.images import CROP_KEY
 from hetretrieval.errors import ConfigError, DataError
-from hetretrieval.extraction.batching import ImagePlan, ImageSource
+from hetretrieval.extraction.batching import ImagePlan, ImageSource, merge_gathered
 from hetretrieval.extraction.engine import Extraction, finalize
 from hetretrieval.files import atomic_write, write_npy
 from hetretrieval.models.local.features import LocalFeatures
@@ -39,7 +39,6 @@ from hetretrieval.models.local.features import LocalFeatures
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-MERGE_ROWS = 16384  # shard rows copied at a time by `ShardSet.merge` (bounds rank 0's memory: 128 MiB at 2048-D)
 
 
 def module_digest(module: nn.Module | None) -> str | None:
@@ -366,20 +365,11 @@ class ShardSet:
 
     def _merged(self, world_size: int, head: str, sources: Sequence[tuple[np.ndarray, np.ndarray]],
                 n_images: int) -> np.ndarray:
-        """`(indices, rows)` of every rank -> one `(N, D)` memory-mapped array in dataset order (zero rows where
-        no rank described an image); each image's first occurrence is kept, `MERGE_ROWS` rows at a time."""
-        dims = {values.shape[1] for _, values in sources}
-        if len(dims) > 1:
-            raise RuntimeError(f"ranks produced {head} descriptors of different sizes {sorted(dims)}")
+        """`(indices, rows)` of every rank -> one `(N, D)` memory-mapped array in dataset order (`merge_gathered`
+        into a memory map)."""
         path = self.file(world_size, "merged", f"head-{head}.npy")
-        merged = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=(n_images, dims.pop()))
-        taken = np.zeros(n_images, bool)
-        for indices, values in sources:
-            for start in range(0, indices.size, MERGE_ROWS):
-                rows = indices[start:start + MERGE_ROWS]
-                fresh = ~taken[rows]
-                merged[rows[fresh]] = values[start:start + MERGE_ROWS][fresh]
-                taken[rows] = True
+        merged, _ = merge_gathered(sources, n_images, head, lambda shape: np.lib.format.open_memmap(
+            path, mode="w+", dtype=self.dtype, shape=shape))
         merged.flush()
         del merged
         return np.load(path, mmap_mode="r", allow_pickle=False)
