@@ -46,6 +46,14 @@ def test_merge_in_chunks_into_an_allocated_array_keeps_first_occurrences(monkeyp
         merge_gathered([(np.array([0]), np.zeros((1, 2))), (np.array([1]), np.zeros((1, 3)))], 2, "gem")
 
 
+def test_keep_first_keeps_each_images_first_value():
+    from hetretrieval.extraction.batching import keep_first
+
+    merged = [None, "kept", None, None]
+    keep_first(merged, [(0, "a"), (1, "b"), (0, "c"), (3, "d")])
+    assert merged == ["a", "kept", None, "d"]
+
+
 def test_collate_separates_failures():
     items = [{"index": 0, "image": torch.zeros(3, 2, 2), "error": None},
              {"index": 1, "image": None, "error": "bad"}]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,6 +234,14 @@ def merge_gathered(parts: Sequence[tuple[np.ndarray, np.ndarray]], n_images: int
             descriptors[rows[fresh]] = values[start:start + MERGE_ROWS][fresh]
             valid[rows] = True
     return descriptors, valid
+
+
+def keep_first(merged: list, items: Iterable[tuple[int, object]]) -> None:
+    """Per-image values (local features) gathered from ranks into `merged` (None where none yet): each image
+    keeps the first value given, as `merge_gathered` keeps each image's first descriptor row."""
+    for index, value in items:
+        if merged[index] is None:
+            merged[index] = value
 
 
 def _first_occurrence(indices: np.ndarray) -> np.ndarray:

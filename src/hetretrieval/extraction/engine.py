@@ -35,6 +35,7 @@ from hetretrieval.extraction.batching import (
     ImageSource,
     SizeBucketBatchSampler,
     collate_same_size,
+    keep_first,
     merge_gathered,
 )
 from hetretrieval.models.local.features import LocalFeatures
@@ -337,10 +338,7 @@ class Collector:
         for part in gathered:
             valid[part[0]] = True
             for name, features in part[2].items():
-                merged = extraction.local_features.setdefault(name, [None] * self.n_images)
-                for index, value in features.items():
-                    if merged[index] is None:
-                        merged[index] = value
+                keep_first(extraction.local_features.setdefault(name, [None] * self.n_images), features.items())
             extraction.skipped.update(part[3])
         return finalize(extraction, self.plan, ids)
 

@@ -31,7 +31,7 @@ from torch import nn
 from hetretrieval.data.datasets import ImageRecord
 from hetretrieval.data.images import CROP_KEY
 from hetretrieval.errors import ConfigError, DataError
-from hetretrieval.extraction.batching import ImagePlan, ImageSource, merge_gathered
+from hetretrieval.extraction.batching import ImagePlan, ImageSource, keep_first, merge_gathered
 from hetretrieval.extraction.engine import Extraction, finalize
 from hetretrieval.files import atomic_write, write_npy
 from hetretrieval.models.local.features import LocalFeatures
@@ -321,13 +321,9 @@ class ShardSet:
                 if head in facts["local"]:
                     with np.load(self.file(world_size, rank, f"head-{head}.npz"), allow_pickle=False) as entry:
                         features = _unpack(head, {name: entry[name] for name in entry.files}).local_features[head]
-                    for index, value in zip(indices.tolist(), features, strict=True):
-                        if merged[index] is None:
-                            merged[index] = value
+                    keep_first(merged, zip(indices.tolist(), features, strict=True))
             for part in again:
-                for index, value in enumerate(part.local_features.get(head, [])):
-                    if merged[index] is None:
-                        merged[index] = value
+                keep_first(merged, enumerate(part.local_features.get(head, [])))
             extraction.local_features[head] = merged
         extraction.seconds = max([f["seconds"] for _, f, _ in shards], default=0.0) + time.perf_counter() - started
         return finalize(extraction, plan)
