@@ -139,8 +139,9 @@ class ExtractionEngine(nn.Module):
     def from_options(cls, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None,
                      options: ExtractionOptions, progress: bool = True) -> ExtractionEngine:
         """The engine that `extraction.*` (`options`) configures."""
-        return cls(network, local, options.batch_size, options.num_workers, progress, options.precision,
-                   options.channels_last, options.pin_memory, options.streams)
+        return cls(network, local, batch_size=options.batch_size, num_workers=options.num_workers, progress=progress,
+                   precision=options.precision, channels_last=options.channels_last, pin_memory=options.pin_memory,
+                   streams=options.streams)
 
     @property
     def head_names(self) -> list[str]:
