@@ -3,10 +3,10 @@
 Ways of describing the same images with EfficientNet-Lite0 + GeM (`RetrievalNetwork`, one scale), timed
 interleaved (extract, forward, streams, naive, ...) after one untimed warm-up round of each:
 
-  extract  end to end: `ExtractionEngine(network, batch_size=b).extract(records, ImageSource(...))`, i.e. the
-           header scan (`ImagePlan.scan`), size-bucketed batches of b, the forward passes and the collection
-           of descriptors in record order. With one torch thread, decoding runs two batches ahead in a
-           background thread; with more, in `extraction.streams` (default: one per thread) 1-thread forward
+  extract  end to end: `ExtractionEngine(network, batch_size=b, batch_pixels=p).extract(records, ImageSource(...))`:
+           the header scan (`ImagePlan.scan`), size-bucketed batches of b (at most p pixels), the forward passes
+           and the collection of descriptors in record order. With one torch thread, decoding runs two batches
+           ahead in a background thread; with more, in `extraction.streams` (default: one per thread) 1-thread forward
            streams, each decoding its own batches (`ExtractionEngine.stream_threads`);
   forward  the model alone on the same batch plan, in this thread at all torch threads: every batch decoded
            beforehand (untimed), then only `network(batch["images"])` per batch is timed (the issue's reference);
@@ -19,8 +19,9 @@ interleaved (extract, forward, streams, naive, ...) after one untimed warm-up ro
            ExtractionModule(...))`, as DDP and fast_dev_run evaluations run it (one stream).
 
 `--batch-size 1 4` times extract and forward at each batch size (default: `ExtractionOptions().batch_size`,
-the configured default). The warm-up is a whole pass, not one batch: heritage-wild's images are of many
-sizes, and the first forward of each new shape costs several times a later one.
+the configured default), each batch capped at `--batch-pixels` pixels (default: `ExtractionOptions().batch_pixels`;
+`none`: no cap). The warm-up is a whole pass, not one batch: heritage-wild's images are of many sizes, and the
+first forward of each new shape costs several times a later one.
 
 Data: pacs-dev (the first `--per-class` images of every domain x class: 8 -> 224 images, all 227x227 at
 max_size 800, one size bucket) and heritage-wild (all 40 images, max_size 512: 33 distinct shapes, so mostly
@@ -30,6 +31,10 @@ batches of one), from ../shared/data, at each of `--threads` torch thread counts
 extract/naive (>= 1.0 at 1 thread, >= 1.3 at 2), extract/1 stream and predict/extract. About 6 minutes on
 the idle 2-core machine (`--quick`: 2 rounds, 112 pacs images); much longer when other jobs share the cores,
 2-thread runs most of all.
+
+Every way runs with the heap the CLI sets (`hetretrieval.allocator.keep_freed_memory`: freed activations are
+kept, not page-faulted back in each pass), the naive loop too, so the ratios compare the ways and not heaps;
+`--glibc-defaults` leaves glibc's thresholds as they are (benchmarks/allocator.py compares the two heaps).
 
     .venv/bin/python benchmarks/extraction_throughput.py [--threads 1 2] [--batch-size 1 4] [--lightning] [--quick]
 
@@ -56,6 +61,7 @@ from pathlib import Path
 import torch
 from _interleave import interleave, print_ratio, print_times
 
+from hetretrieval.allocator import keep_freed_memory
 from hetretrieval.config import ExtractionOptions
 from hetretrieval.data.datasets import csv_manifest, domain_folder
 from hetretrieval.data.images import load_image
@@ -84,7 +90,7 @@ def heritage_wild(root: Path) -> list:
 
 
 def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, batch_sizes: list[int],
-          threads: list[int], repeats: int, lightning: bool) -> list[tuple]:
+          threads: list[int], repeats: int, lightning: bool, batch_pixels: int | None) -> list[tuple]:
     source = ImageSource(max_size=max_size)
     plan = ImagePlan.scan(records, source)
     if plan.unreadable:
@@ -92,12 +98,13 @@ def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, ba
     n = len(records)
     runs, multi_stream_runs = {}, {}  # the latter only where there are several streams (more than 1 thread)
     for size in batch_sizes:
-        engine = ExtractionEngine(network, batch_size=size, num_workers=0, progress=False)
-        one_stream = ExtractionEngine(network, batch_size=size, num_workers=0, progress=False, streams=1)
+        engine = ExtractionEngine(network, batch_size=size, batch_pixels=batch_pixels, num_workers=0, progress=False)
+        one_stream = ExtractionEngine(network, batch_size=size, batch_pixels=batch_pixels, num_workers=0,
+                                      progress=False, streams=1)
         batches = list(engine.loader(records, plan))  # decoded once, outside every timing
         shapes = {tuple(batch["images"].shape[-2:]) for batch in batches}
         print(f"\n{name}: {n} images, max_size {max_size}, {len(shapes)} distinct shapes, {len(batches)} batches "
-              f"of up to {size}")
+              f"of up to {size} (batch_pixels {batch_pixels})")
         runs[f"extract b{size}"] = lambda engine=engine: _check(engine.extract(records, source))
         runs[f"forward b{size}"] = lambda batches=batches: _forward(network, batches)
         multi_stream_runs[f"streams b{size}"] = lambda batches=batches, engine=engine: _forward_in_streams(
@@ -178,20 +185,25 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=8, help="pacs-dev images per domain x class")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[ExtractionOptions().batch_size],
                         help="extraction batch sizes to time (default: the configured default)")
+    parser.add_argument("--batch-pixels", type=lambda value: None if value.lower() == "none" else int(value),
+                        default=ExtractionOptions().batch_pixels,
+                        help="pixels per batch at most, or none (default: the configured default)")
     parser.add_argument("--lightning", action="store_true", help="also time the Lightning predict path")
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding pacs-dev and heritage-wild")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 4 pacs images per domain x class")
+    parser.add_argument("--glibc-defaults", action="store_true", help="leave glibc's heap thresholds as they are")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.per_class = 2, 4
+    heap = "glibc defaults" if args.glibc_defaults or not keep_freed_memory() else "freed memory kept"
 
     network = RetrievalNetwork(Backbone(args.backbone), {"gem": GeM()}).eval()
-    print(f"{args.backbone} + GeM, scales (1.0,), device cpu, threads {args.threads}; times are wall seconds "
-          f"per pass over the dataset; ratios are of images/s (the inverse ratio of the times)")
+    print(f"{args.backbone} + GeM, scales (1.0,), device cpu, threads {args.threads}, heap: {heap}; times are wall "
+          f"seconds per pass over the dataset; ratios are of images/s (the inverse ratio of the times)")
     rows = bench("pacs-dev", pacs_subset(args.data / "pacs-dev", args.per_class), 800, network,
-                 args.batch_size, args.threads, args.repeats, args.lightning)
+                 args.batch_size, args.threads, args.repeats, args.lightning, args.batch_pixels)
     rows += bench("heritage-wild", heritage_wild(args.data / "heritage-wild"), 512, network,
-                  args.batch_size, args.threads, args.repeats, args.lightning)
+                  args.batch_size, args.threads, args.repeats, args.lightning, args.batch_pixels)
     print("\nsummary (ratios of images/s: of mins / of medians)")
     print(f"  {'dataset':<14} {'threads':>7} {'batch':>5} {'extract img/s (median)':>23} {'extract/ceiling':>17} "
           f"{'extract/naive':>15}")

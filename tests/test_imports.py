@@ -1,7 +1,7 @@
 """Imports run one way, down the pipeline, and optional heavy libraries stay out of the lower packages' import.
 
 `cli` -> `training`/`evaluation` -> `analysis` -> `metrics`/`index`/`extraction` -> `models` -> `data` ->
-`config`/`errors`/`files`/`loggers`: a package never imports one of a higher rank (and `metrics` never imports `data`).
+`config`/`errors`/`files`/`loggers`/`seeding`/`allocator`: a package never imports one of a higher rank (and `metrics` never imports `data`).
 """
 
 import ast
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "hetretrieval"
-RANK = {"errors": 0, "config": 0, "loggers": 0, "seeding": 0, "files": 0, "data": 1, "models": 2, "index": 3, "metrics": 3, "extraction": 3,
+RANK = {"errors": 0, "config": 0, "loggers": 0, "seeding": 0, "files": 0, "allocator": 0, "data": 1, "models": 2, "index": 3, "metrics": 3, "extraction": 3,
         "analysis": 4, "training": 5, "evaluation": 5, "cli": 6}
 HEAVY = ("faiss", "matplotlib", "wandb")
 LOWER = ("data", "models", "index", "metrics", "extraction")

@@ -63,13 +63,17 @@ class ExtractionOptions:
 
     max_size: int | None = 800  # longer side cap in pixels (the paper's 800); null keeps full resolution
     max_pixels: int | None = 250_000_000  # larger files are skipped unread (decompression bombs); null: no cap
-    batch_size: int = 1  # images per batch, within one size bucket: 1 is fastest on a CPU, raise it on a GPU
-    # (benchmarks/extraction_throughput.py --batch-size 1 4, 2 cores: batch 4 / batch 1 images/s 0.79-0.85 on
-    # pacs-dev at 1 thread, 0.96-1.00 at 2; heritage-wild 0.98-1.02)
+    # images per batch, within one size bucket, and at most `batch_pixels` pixels (images x height x width; a
+    # batch holds at least one image): small images batch up, large ones go one by one. On the 2-core CPU
+    # (benchmarks/extraction_throughput.py --batch-size 1 4) batches of 4 described pacs-dev (227 px) 1.12-1.13x
+    # faster than batches of 1 at 1 thread, 1.23-1.24x at 2; uncapped at 512 px (heritage-wild, mostly single
+    # images of a size) they ran 0.84-0.95x, capped as batches of 1. Raise both on a GPU
+    batch_size: int = 4
+    batch_pixels: int | None = 262_144  # 512 x 512; null: only batch_size bounds a batch
     num_workers: int = 0  # data-loading worker processes
     # concurrent forward passes on the CPU, torch's threads shared out among them; null: one per torch thread,
-    # at most 4 (2 cores: two 1-thread streams describe 1.43-1.46x faster than one 2-thread pass, bit for bit as
-    # at 1 thread; benchmarks/extraction_throughput.py). An accelerator runs one stream.
+    # at most 4 (2 cores: two 1-thread streams described pacs-dev 1.15-1.16x and heritage-wild 1.47x faster than
+    # one 2-thread pass, bit for bit as at 1 thread; benchmarks/extraction_throughput.py). An accelerator runs one.
     streams: int | None = None
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale extraction (e.g. [1, 0.707, 0.5])
     scale_aggregation: str = "mean"  # how per-scale descriptors combine: mean | gem (cirtorch's msp power mean)
@@ -90,6 +94,8 @@ class ExtractionOptions:
         _check(self.max_pixels is None or self.max_pixels >= 1, "extraction.max_pixels", "a positive integer or null",
                self.max_pixels)
         _check(self.batch_size >= 1, "extraction.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.batch_pixels is None or self.batch_pixels >= 1, "extraction.batch_pixels",
+               "a positive integer or null", self.batch_pixels)
         _check(self.num_workers >= 0, "extraction.num_workers", "an integer >= 0", self.num_workers)
         _check(self.streams is None or self.streams >= 1, "extraction.streams", "an integer >= 1 or null",
                self.streams)

@@ -51,6 +51,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
     ("evaluation.ks=[0]", "evaluation.ks"), ("evaluation.top_k=0", "evaluation.top_k"),
     ("extraction.batch_size=0", "extraction.batch_size"), ("extraction.max_size=3", "extraction.max_size"),
     ("extraction.scales=[]", "extraction.scales"), ("extraction.streams=0", "extraction.streams"),
+    ("extraction.batch_pixels=0", "extraction.batch_pixels"),
     ("extraction.batch_size=0 pooling=netvlad", "extraction.batch_size"),
 ])
 def test_bad_options_stop_the_run_before_any_weight_or_image_is_read(compose_eval, nothing_read, tmp_path,

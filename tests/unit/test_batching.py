@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetretrieval.errors import ConfigError
 from hetretrieval.extraction.batching import SizeBucketBatchSampler, collate_same_size, merge_gathered
 
 SHAPES = [(4, 6), (6, 4), (4, 6), None, (4, 6), (6, 4), (5, 5)]
@@ -13,6 +14,17 @@ def test_buckets_hold_one_shape_and_cover_every_readable_image_once():
     batches = list(SizeBucketBatchSampler(SHAPES, batch_size=2))
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 4, 5, 6]
     assert all(len({SHAPES[i] for i in b}) == 1 for b in batches)
+
+
+def test_batch_pixels_caps_each_bucket_and_keeps_at_least_one_image():
+    shapes = [(10, 10)] * 7 + [(20, 20)] * 3 + [(40, 40)] * 2  # 100, 400 and 1,600 pixels
+    batches = list(SizeBucketBatchSampler(shapes, batch_size=4, batch_pixels=800))
+    # 800 px: 4 (the count cap) of 100 px, 2 of 400 px, and the 1,600-px images alone (over the cap)
+    assert batches == [[0, 1, 2, 3], [4, 5, 6], [7, 8], [9], [10], [11]]
+    assert list(SizeBucketBatchSampler(shapes, batch_size=4, batch_pixels=None)) == [
+        [0, 1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11]]
+    with pytest.raises(ConfigError, match="batch_pixels"):
+        SizeBucketBatchSampler(shapes, batch_size=4, batch_pixels=0)
 
 
 def test_ranks_get_disjoint_complete_shards():

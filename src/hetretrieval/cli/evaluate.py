@@ -21,6 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from hetretrieval.allocator import keep_freed_memory
 from hetretrieval.config import (
     CONFIG_DIR,
     EvaluationOptions,
@@ -319,6 +320,7 @@ def _specs(built: dict, nodes: dict, local: dict, whitening: dict, rerank_name: 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     """Run one evaluation; returns mAP (of the single head) so that Hydra sweepers can optimise it."""
+    keep_freed_memory()
     os.environ.setdefault("WANDB_SILENT", "true")
     # our size-bucket sampler returns every index (tested) and predict_step returns nothing on purpose (the
     # engine collects); Lightning cannot know and warns on every run, as about its own pytree internals

@@ -13,6 +13,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+from hetretrieval.allocator import keep_freed_memory
 from hetretrieval.config import CONFIG_DIR
 from hetretrieval.errors import HetRetrievalError
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="index")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()
     from hetretrieval.evaluation.collection import index_collection
 
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -12,6 +12,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from hetretrieval.allocator import keep_freed_memory
 from hetretrieval.config import CONFIG_DIR
 from hetretrieval.errors import HetRetrievalError
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="search")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()
     from hetretrieval.evaluation.collection import search_collection
 
     try:

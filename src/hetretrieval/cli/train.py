@@ -18,6 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hetretrieval.allocator import keep_freed_memory
 from hetretrieval.config import (
     CONFIG_DIR,
     EvaluationOptions,
@@ -54,7 +55,7 @@ def build_module(cfg: DictConfig) -> FineTuningModule:
         augmentation=instantiate(cfg.augmentation) if cfg.get("augmentation") else None,
         validation_ks=typed(cfg.evaluation, EvaluationOptions, "evaluation").ks, seed=cfg.seed,
         freeze_batchnorm=cfg.training.freeze_batchnorm, architecture=architecture,
-        batch_size=extraction.batch_size, num_workers=extraction.num_workers)
+        batch_size=extraction.batch_size, batch_pixels=extraction.batch_pixels, num_workers=extraction.num_workers)
 
 
 def build_datamodule(cfg: DictConfig) -> TrainingDataModule:
@@ -165,6 +166,7 @@ def _print_report(report: dict) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run one fine-tuning; returns the best validation mAP so that Hydra sweepers can optimise it."""
+    keep_freed_memory()
     os.environ.setdefault("WANDB_SILENT", "true")
     empty_dict_overrides(cfg, HydraConfig.get().overrides.task)  # `test.datasets={}`: no test set at all
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from hetretrieval.allocator import keep_freed_memory
 from hetretrieval.config import CONFIG_DIR, instantiate
 from hetretrieval.errors import HetRetrievalError
 
@@ -46,6 +47,7 @@ def train_attention(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="attention_train")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()
     try:
         train_attention(cfg)
     except HetRetrievalError as error:

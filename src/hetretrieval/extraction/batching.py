@@ -189,20 +189,27 @@ def collate_same_size(items: list[dict]) -> dict:
 class SizeBucketBatchSampler(Sampler[list[int]]):
     """Batches of indices whose images share one shape; batches dealt round-robin to `num_replicas` ranks.
 
-    Order is deterministic (buckets by first appearance, indices ascending), so batch size 1 and batched runs
-    see the same pixels. No padding: ranks may get unequal numbers of batches, which prediction allows.
-    `ids` restricts the batches to those records.
+    A batch holds at most `batch_size` images and, with `batch_pixels`, at most that many pixels (images x
+    height x width; always at least one image), so small images batch up while large ones, which keep a core
+    busy alone, go one by one. Order is deterministic (buckets by first appearance, indices ascending), so
+    batch size 1 and batched runs see the same pixels. No padding: ranks may get unequal numbers of batches,
+    which prediction allows. `ids` restricts the batches to those records.
     """
 
     def __init__(self, shapes: Sequence[tuple[int, int] | None], batch_size: int, num_replicas: int = 1,
-                 rank: int = 0, ids: Sequence[int] | None = None) -> None:
+                 rank: int = 0, ids: Sequence[int] | None = None, batch_pixels: int | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_pixels is not None and batch_pixels < 1:
+            raise ConfigError(f"batch_pixels must be >= 1 or None, got {batch_pixels}")
         buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index in range(len(shapes)) if ids is None else sorted(int(i) for i in ids):
             if shapes[index] is not None:
                 buckets[shapes[index]].append(index)
-        batches = [bucket[i : i + batch_size] for bucket in buckets.values() for i in range(0, len(bucket), batch_size)]
+        batches = []
+        for (height, width), bucket in buckets.items():
+            size = batch_size if batch_pixels is None else max(1, min(batch_size, batch_pixels // (height * width)))
+            batches += [bucket[i : i + size] for i in range(0, len(bucket), size)]
         self.batches = batches[rank::num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:

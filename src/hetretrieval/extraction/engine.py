@@ -98,9 +98,9 @@ def default_device() -> torch.device:
 class ExtractionEngine(nn.Module):
     """`network` (backbone + global heads, may be None) and `local` extractors over batches of images.
 
-    `batch_size` images of one size per batch (`SizeBucketBatchSampler`); `num_workers` decoding processes;
-    with none, the next batches are decoded in a background thread (PIL releases the GIL) where that overlaps
-    the forward pass (`batches`). On the CPU, `extract` runs `streams` forward passes at once, torch's threads
+    `batch_size` images of one size per batch, at most `batch_pixels` pixels (`SizeBucketBatchSampler`);
+    `num_workers` decoding processes; with none, the next batches are decoded in a background thread (PIL
+    releases the GIL) where that overlaps the forward pass (`batches`). On the CPU, `extract` runs `streams` forward passes at once, torch's threads
     shared out among them (`stream_threads`): each stream decodes its own batches, so one decodes while the
     others compute, and small per-thread passes use cores better than one pass parallelised across them (PIL
     and torch's kernels release the GIL). `precision` "bf16" / "16" runs the network under autocast (on the CPU,
@@ -112,12 +112,15 @@ class ExtractionEngine(nn.Module):
 
     def __init__(self, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None = None,
                  batch_size: int = 1, num_workers: int = 0, progress: bool = True, precision: str = "32",
-                 channels_last: bool = False, pin_memory: bool = True, streams: int | None = None) -> None:
+                 channels_last: bool = False, pin_memory: bool = True, streams: int | None = None,
+                 batch_pixels: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"extraction batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ConfigError(f"extraction num_workers must be >= 0, got {num_workers}")
+        if batch_pixels is not None and batch_pixels < 1:
+            raise ConfigError(f"extraction batch_pixels must be >= 1 or None, got {batch_pixels}")
         if streams is not None and streams < 1:
             raise ConfigError(f"extraction streams must be >= 1 or None, got {streams}")
         if str(precision) not in PRECISIONS:
@@ -128,7 +131,8 @@ class ExtractionEngine(nn.Module):
         self.local = dict(local or {})
         # extractors that are modules (DELF) move with the engine; ORB runs on the CPU
         self.local_modules = nn.ModuleDict({k: v for k, v in self.local.items() if isinstance(v, nn.Module)})
-        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.batch_size, self.batch_pixels, self.num_workers = batch_size, batch_pixels, num_workers
+        self.progress = progress
         self.precision, self.channels_last, self.pin_memory = str(precision), channels_last, pin_memory
         self.streams = streams
         if channels_last and network is not None:
@@ -139,7 +143,8 @@ class ExtractionEngine(nn.Module):
     def from_options(cls, network: RetrievalNetwork | None, local: Mapping[str, LocalExtractor] | None,
                      options: ExtractionOptions, progress: bool = True) -> ExtractionEngine:
         """The engine that `extraction.*` (`options`) configures."""
-        return cls(network, local, batch_size=options.batch_size, num_workers=options.num_workers, progress=progress,
+        return cls(network, local, batch_size=options.batch_size, batch_pixels=options.batch_pixels,
+                   num_workers=options.num_workers, progress=progress,
                    precision=options.precision, channels_last=options.channels_last, pin_memory=options.pin_memory,
                    streams=options.streams)
 
@@ -155,7 +160,7 @@ class ExtractionEngine(nn.Module):
     def loader(self, records: Sequence[ImageRecord], plan: ImagePlan, ids: Sequence[int] | None = None,
                rank: int = 0, world_size: int = 1) -> DataLoader:
         """Size-exact batches `{"index", "images", "failed"}` of `records` (or of `ids`), this rank's share."""
-        sampler = SizeBucketBatchSampler(plan.shapes, self.batch_size, world_size, rank, ids)
+        sampler = SizeBucketBatchSampler(plan.shapes, self.batch_size, world_size, rank, ids, self.batch_pixels)
         return DataLoader(ImageFileDataset(records, plan), batch_sampler=sampler, collate_fn=collate_same_size,
                           num_workers=self.num_workers, persistent_workers=False,
                           pin_memory=self.pin_memory and torch.cuda.is_available())

@@ -43,7 +43,8 @@ class FineTuningModule(pl.LightningModule):
                  whitening: Whitening | None = None, loss: nn.Module | None = None, miner: nn.Module | None = None,
                  optimizer: OptimizerOptions | None = None, augmentation: nn.Module | None = None,
                  validation_ks: Sequence[int] = (1, 5, 10), seed: int = 0, freeze_batchnorm: bool = False,
-                 architecture: Mapping | None = None, batch_size: int = 32, num_workers: int = 0) -> None:
+                 architecture: Mapping | None = None, batch_size: int = 32, num_workers: int = 0,
+                 batch_pixels: int | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -54,7 +55,7 @@ class FineTuningModule(pl.LightningModule):
         self.validation_ks = tuple(validation_ks)
         self.seed, self.freeze_batchnorm = seed, freeze_batchnorm
         self.architecture = dict(architecture) if architecture is not None else None
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.batch_pixels, self.num_workers = batch_size, batch_pixels, num_workers
         self.engine()  # checks the scales now, not at the first validation
         self._collector: Collector | None = None
 
@@ -70,7 +71,8 @@ class FineTuningModule(pl.LightningModule):
         """The extraction engine over this module's own backbone, head and whitening (shared, not copied)."""
         network = RetrievalNetwork(self.backbone, {self.head_name: self.head}, scales or self.scales,
                                    {self.head_name: self.whitening})
-        return ExtractionEngine(network, batch_size=self.batch_size, num_workers=self.num_workers, progress=False)
+        return ExtractionEngine(network, batch_size=self.batch_size, batch_pixels=self.batch_pixels,
+                                num_workers=self.num_workers, progress=False)
 
     def describe_for_training(self, images: torch.Tensor) -> torch.Tensor:
         """`(B, 3, H, W)` -> `(B, D)` at scale 1, through the whitening if there is one."""
