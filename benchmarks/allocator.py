@@ -3,8 +3,9 @@
 glibc's thresholds cannot be put back once raised, so each side runs in its own child process: children with
 glibc's defaults and children with `keep_freed_memory()` alternate (default, kept, default, kept, ...). Each
 child builds EfficientNet-Lite0 + GeM, makes one untimed warm-up pass of every way, then times
-  extract  `ExtractionEngine(network).extract(records, ImageSource(max_size))` (the CLI's path: at 2 threads,
-           2 one-thread streams);
+  extract  `ExtractionEngine.from_options(network, None, ExtractionOptions()).extract(records,
+           ImageSource(max_size))`: the CLI's defaults (batches of 4 within 262,144 pixels; at 2 threads, 2
+           one-thread streams);
   naive    one image at a time, `load_image` then `network(image[None])` (as cirtorch extracts);
 on pacs-dev (the first `--per-class` images of every domain x class, 227 px) and heritage-wild (40 images,
 max_size 512), at `--threads` torch threads, and reports wall seconds and the process's system (kernel) CPU
@@ -14,7 +15,13 @@ it against a user's loop in a plain process).
 
     .venv/bin/python benchmarks/allocator.py [--rounds 3] [--threads 2] [--per-class 8]
 
-Measured on the 2-core machine (3 rounds, 2 threads, 2026-12-03): see benchmarks/README.md.
+Measured on the 2-core machine (3 rounds, 2 threads, 2026-12-03; ratios of images/s, of mins / of medians):
+pacs-dev extract kept / default 1.047 / 1.219 (system CPU 0.12-0.14 s kept, 0.28-1.14 s default), naive 1.083 /
+1.040, extract kept / naive default 1.614 / 1.641, extract kept / naive kept 1.491 / 1.579; heritage-wild extract
+kept / default 0.998 / 1.011, naive 1.030 / 1.050, extract kept / naive default 1.516 / 1.555, kept / naive kept
+1.472 / 1.481. With batches of 1 (the earlier default) pacs-dev extract gained 1.169 / 1.307 (system CPU 1.27-1.90
+s default, 0.14 s kept) and naive 1.283 / 1.279. glibc's default thresholds move with what the process freed
+first, so the default side varies from run to run; the kept side does not.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from extraction_throughput import heritage_wild, pacs_subset
 
+    from hetretrieval.config import ExtractionOptions
     from hetretrieval.data.images import load_image
     from hetretrieval.extraction.batching import ImageSource
     from hetretrieval.extraction.engine import ExtractionEngine
@@ -56,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     network = RetrievalNetwork(Backbone("tf_efficientnet_lite0"), {"gem": GeM()}).eval()
-    engine = ExtractionEngine(network, progress=False)
+    engine = ExtractionEngine.from_options(network, None, ExtractionOptions(), progress=False)
     found = {}
     for name, records, max_size in (("pacs-dev", pacs_subset(args.data / "pacs-dev", args.per_class), 800),
                                     ("heritage-wild", heritage_wild(args.data / "heritage-wild"), 512)):

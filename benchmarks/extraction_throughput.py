@@ -38,16 +38,20 @@ kept, not page-faulted back in each pass), the naive loop too, so the ratios com
 
     .venv/bin/python benchmarks/extraction_throughput.py [--threads 1 2] [--batch-size 1 4] [--lightning] [--quick]
 
-Measured on the 2-core machine, load ~1 (`--threads 1 2`, batch 1, 3 rounds; ratios of images/s, of mins /
-of medians), two runs of 2026-12-03: pacs-dev 1 thread 38.7-46.0 images/s, extract/forward 0.955/0.958 and
-1.077/1.010, extract/naive 0.988/1.017 and 1.124/1.136; 2 threads 64 images/s, extract/forward 1.162/1.233
-and 1.134/1.160, extract/streams 0.875/0.870 and 0.878/0.870, extract/naive 1.267/1.284 and 1.238/1.222,
-extract/1 stream 1.427/1.444. heritage-wild 1 thread 14.6-15.1 images/s, extract/forward 0.946/0.953 and
-0.959/0.965, extract/naive 1.207/1.186 and 1.207/1.206; 2 threads 20 images/s, extract/forward 1.166/1.151
-and 1.163/1.126, extract/streams 0.767/0.760 and 0.786/0.753, extract/naive 1.500/1.492 and 1.504/1.440,
-extract/1 stream 1.456/1.458. Decoding in worker processes (`num_workers=1`) instead was slower at 2 threads
-(pacs-dev 0.90x, heritage-wild 0.61x of the streams). Batch 4 / batch 1 (earlier, one stream): pacs-dev
-0.794/0.830 at 1 thread, 0.955/1.004 at 2; heritage-wild 0.976/0.992 and 1.017/0.996.
+Measured on the 2-core machine, load ~1 (`--threads 1 2`, 3 rounds, the defaults: batches of 4 within 262,144
+pixels, freed memory kept; ratios of images/s, of mins / of medians), two runs of 2026-12-03 (the first with
+`--batch-size 1 4`): pacs-dev 1 thread 44.0-46.8 images/s, extract/forward 0.972/0.965 and 1.016/1.003,
+extract/naive 1.139/1.121 and 1.224/1.227; 2 threads 81.0-83.1 images/s, extract/forward 1.037/1.048 and
+1.074/1.110, extract/streams 0.893/0.893 and 0.907/0.951, extract/naive 1.533/1.582 and 1.639/1.677, extract/1
+stream 1.148/1.162 and 1.237/1.255. heritage-wild (the cap leaves every batch one image) 1 thread 12.8-13.6
+images/s, extract/forward 0.950/0.959 and 0.936/0.974, extract/naive 1.206/1.214 and 1.187/1.185; 2 threads
+17.3-17.7 images/s, extract/forward 1.117/1.107 and 1.222/1.175, extract/streams 0.765/0.776 and 0.813/0.746,
+extract/naive 1.354/1.352 and 1.528/1.399, extract/1 stream 1.471/1.473 and 1.606/1.562. Batch 4 / batch 1:
+pacs-dev 1.134/1.123 at 1 thread, 1.231/1.235 at 2 (batch 1, the earlier default, reached extract/naive
+1.246/1.281 at 2 threads); heritage-wild 1.003/1.002 and 1.028/1.075 (the same batches: the noise); uncapped
+(`--batch-pixels none`) heritage-wild 0.954/0.951 and 0.937/0.841. Decoding in worker processes
+(`num_workers=1`) instead was slower at 2 threads (pacs-dev 0.90x, heritage-wild 0.61x of the streams; batch 1,
+glibc's default heap).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ By default glibc returns large freed blocks to the kernel: blocks above its mmap
 free memory at the top of a heap beyond its trim threshold is released. A CPU forward pass frees its
 activations as it goes, so the next pass page-faults them back in: a small conv net at 224 px took ~4,700 minor
 page faults per pass in a thread (none with the thresholds raised; tests/unit/test_allocator.py), and a CPU
-extraction of 224 pacs-dev images in 2 streams spent 1.3-1.9 s in the kernel, 0.14 s with them raised, running
-1.17x / 1.31x faster (mins / medians; `benchmarks/allocator.py`). Raising them is what preloading jemalloc or
+extraction of 224 pacs-dev images in 2 streams spent 0.28-1.9 s in the kernel, 0.12-0.14 s with them raised,
+running 1.05x / 1.22x faster (mins / medians; 1.17x / 1.31x in batches of 1; `benchmarks/allocator.py`). Raising them is what preloading jemalloc or
 tcmalloc does for PyTorch on the CPU, without the preload. The cost: up to `TRIM_THRESHOLD` of freed memory
 per heap stays with the process instead of going back to the system.
 """
