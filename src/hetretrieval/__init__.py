@@ -17,8 +17,8 @@ _LAZY = {"Backbone": "hetretrieval.models.backbones", "load_image": "hetretrieva
 
 
 def evaluate(overrides: Sequence[str] = ()) -> dict | None:
-    """`hetretrieval-eval <overrides>` from Python (notebooks): the same config and run folder, without
-    `hydra.main` (the heap set as the CLI sets it: `allocator`); returns the run's summary (`{head: summary}` with several heads)."""
+    """`hetretrieval-eval <overrides>` from Python (notebooks): the same config, run folder and heap
+    (`allocator`), without `hydra.main`; returns the run's summary (`{head: summary}` with several heads)."""
     from hetretrieval.allocator import keep_freed_memory
     from hetretrieval.cli.evaluate import evaluate as run
     from hetretrieval.config import check_entry_point, compose_run

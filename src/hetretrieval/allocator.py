@@ -4,10 +4,12 @@ By default glibc returns large freed blocks to the kernel: blocks above its mmap
 free memory at the top of a heap beyond its trim threshold is released. A CPU forward pass frees its
 activations as it goes, so the next pass page-faults them back in: a small conv net at 224 px took ~4,700 minor
 page faults per pass in a thread (none with the thresholds raised; tests/unit/test_allocator.py), and a CPU
-extraction of 224 pacs-dev images in 2 streams spent 0.28-1.9 s in the kernel, 0.12-0.14 s with them raised,
-running 1.05x / 1.22x faster (mins / medians; 1.17x / 1.31x in batches of 1; `benchmarks/allocator.py`). Raising them is what preloading jemalloc or
-tcmalloc does for PyTorch on the CPU, without the preload. The cost: up to `TRIM_THRESHOLD` of freed memory
-per heap stays with the process instead of going back to the system.
+extraction of 224 pacs-dev images in 2 streams spent 0.28-1.14 s in the kernel, 0.12-0.14 s with them raised,
+running 1.05x / 1.22x faster (mins / medians; in batches of 1: 1.27-1.90 s, 1.17x / 1.31x;
+`benchmarks/allocator.py`).
+Raising them is what preloading jemalloc or tcmalloc does for PyTorch on the CPU, without the preload. The
+cost: up to `TRIM_THRESHOLD` of freed memory per heap stays with the process instead of going back to the
+system.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ GLIBC_MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_CHECK
 def user_chose_allocator(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the environment already sets glibc's malloc (`GLIBC_MALLOC_VARIABLES`, `glibc.malloc.*` tunables;
     `GLIBC_TUNABLES=glibc.malloc.check=0`, a no-op, keeps glibc's own thresholds)."""
-    return any(name in environ for name in GLIBC_MALLOC_VARIABLES) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+    return (any(name in environ for name in GLIBC_MALLOC_VARIABLES)
+            or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""))
 
 
 def keep_freed_memory() -> bool:
