@@ -1,9 +1,12 @@
 """The image loader on every PIL mode, sizes, EXIF rotation, broken files and pixel limits."""
 
+import io
+import struct
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image, JpegImagePlugin
+from PIL import Image, ImageFile, JpegImagePlugin
 
 from hetretrieval.data.images import ImageLoadError, load_image, read_image_size, resized_shape, to_rgb
 
@@ -51,6 +54,36 @@ def test_exif_orientation_applied_consistently(tmp_path):
     image.save(path, exif=exif)
     assert read_image_size(path) == (60, 20)
     assert load_image(path, max_size=30).shape == (3, 30, 10)
+
+
+def _png_with_exif_after_pixels(path, height, width, orientation):
+    """A PNG whose eXIf chunk follows its pixel data (Pillow writes it before; the PNG format allows either)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buffer, format="PNG", exif=exif)
+    data, chunks, position = buffer.getvalue(), [], 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        chunks.append((kind, data[position:position + 12 + length]))
+        position += 12 + length
+    order = [c for k, c in chunks if k not in (b"eXIf", b"IEND")] + [c for k, c in chunks if k == b"eXIf"]
+    path.write_bytes(data[:8] + b"".join(order) + chunks[-1][1])
+    return path
+
+
+def test_png_header_size_without_decoding_and_with_a_late_exif(tmp_path, monkeypatch):
+    plain = _save(tmp_path, Image.new("RGB", (60, 20), "white"), "plain.png")
+    late = _png_with_exif_after_pixels(tmp_path / "late.png", 20, 60, orientation=6)
+    with Image.open(late) as image:
+        assert "exif" not in image.info  # Pillow would decode the whole image to find it
+    assert read_image_size(late) == (60, 20) and load_image(late, max_size=None).shape == (3, 60, 20)
+
+    def decoded(self):
+        raise AssertionError("the header scan decoded the pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    assert read_image_size(plain) == (20, 60)
 
 
 def test_broken_files_raise_a_clear_error(tmp_path):

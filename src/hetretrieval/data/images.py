@@ -6,6 +6,8 @@ scans; every one of them must become the same thing, an RGB tensor in [0, 1], or
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +140,27 @@ def _check_pixels(path: Path, image: Image.Image, max_pixels: int | None) -> Non
 
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     """`(height, width)` as displayed, i.e. after the EXIF orientation is applied."""
+    unread_png = image.format == "PNG" and "exif" not in image.info and getattr(image, "fp", None) is not None
+    if unread_png and not _png_exif_after_pixels(image.fp):
+        return image.height, image.width  # no EXIF at all: Pillow would decode the whole image to learn that
     swap = image.getexif().get(0x0112, 1) in {5, 6, 7, 8}
     return (image.width, image.height) if swap else (image.height, image.width)
+
+
+def _png_exif_after_pixels(file) -> bool:
+    """Whether an open PNG holds an `eXIf` chunk (one after the pixel data is not in `image.info` until Pillow
+    decodes the whole image). Walks the chunk headers, seeking over their data; the file position is kept."""
+    position = file.tell()
+    try:
+        file.seek(8)  # past the signature
+        while len(header := file.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            if kind in (b"eXIf", b"IEND"):
+                return kind == b"eXIf"
+            file.seek(length + 4, os.SEEK_CUR)  # data and CRC
+        return False  # truncated: decoding will say so
+    finally:
+        file.seek(position)
 
 
 def read_image_size(path: str | Path, box=None, *,
