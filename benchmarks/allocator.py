@@ -33,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from _interleave import print_ratio, print_times
@@ -52,10 +53,9 @@ def child(args: argparse.Namespace) -> None:
         if not keep_freed_memory():
             raise SystemExit("keep_freed_memory did nothing here (not glibc?)")
     import torch
-    from extraction_throughput import heritage_wild, pacs_subset
+    from extraction_throughput import heritage_wild, naive_loop, pacs_subset
 
     from hetretrieval.config import ExtractionOptions
-    from hetretrieval.data.images import load_image
     from hetretrieval.extraction.batching import ImageSource
     from hetretrieval.extraction.engine import ExtractionEngine
     from hetretrieval.models.backbones import Backbone
@@ -68,13 +68,8 @@ def child(args: argparse.Namespace) -> None:
     found = {}
     for name, records, max_size in (("pacs-dev", pacs_subset(args.data / "pacs-dev", args.per_class), 800),
                                     ("heritage-wild", heritage_wild(args.data / "heritage-wild"), 512)):
-        def naive(records=records, max_size=max_size) -> None:
-            with torch.inference_mode():
-                for record in records:
-                    network(load_image(record.path, max_size)[None])
-
         ways = {"extract": lambda records=records, max_size=max_size: engine.extract(records, ImageSource(max_size)),
-                "naive": naive}
+                "naive": partial(naive_loop, network, records, max_size)}
         for run in ways.values():  # warm-up: every shape of the dataset seen once
             run()
         found[name] = {"images": len(records)}

@@ -60,6 +60,7 @@ import argparse
 import logging
 import statistics
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -118,12 +119,7 @@ def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, ba
         if lightning:
             runs[f"predict b{size}"] = lambda engine=engine: _predict(engine, records, source)
 
-    def naive() -> None:
-        with torch.inference_mode():
-            for record in records:
-                network(load_image(record.path, max_size)[None])
-
-    runs["naive"] = naive
+    runs["naive"] = partial(naive_loop, network, records, max_size)
     rows = []
     for count in threads:
         torch.set_num_threads(count)
@@ -153,6 +149,13 @@ def bench(name: str, records: list, max_size: int, network: RetrievalNetwork, ba
 
 def _check(extraction) -> None:
     assert extraction.valid.all(), extraction.skipped
+
+
+def naive_loop(network: RetrievalNetwork, records: list, max_size: int) -> None:
+    """One image at a time, as cirtorch extracts: `load_image` then `network(image[None])`."""
+    with torch.inference_mode():
+        for record in records:
+            network(load_image(record.path, max_size)[None])
 
 
 def _forward(network: RetrievalNetwork, batches: list[dict]) -> None:

@@ -1,6 +1,7 @@
 """`keep_freed_memory`: repeated forward passes stop page-faulting their activations back in (glibc only)."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -52,8 +53,6 @@ def test_forward_passes_page_fault_only_with_the_default_thresholds():
 
 @glibc
 def test_an_allocator_set_by_the_environment_is_left_alone(monkeypatch):
-    import os
-
     env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.check=0"}
     assert _faults("tune", env)["set"] is False
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")

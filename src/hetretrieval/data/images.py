@@ -138,16 +138,16 @@ def _check_pixels(path: Path, image: Image.Image, max_pixels: int | None) -> Non
                              f"max_pixels {max_pixels:,}; raise extraction.max_pixels to read it")
 
 
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """`(height, width)` as displayed, i.e. after the EXIF orientation is applied."""
-    unread_png = image.format == "PNG" and "exif" not in image.info and getattr(image, "fp", None) is not None
-    if unread_png and not _png_exif_after_pixels(image.fp):
+def _oriented_size(image: Image.Image, header_only: bool = False) -> tuple[int, int]:
+    """`(height, width)` as displayed, i.e. after the EXIF orientation is applied. `header_only` (a just-opened
+    image): a PNG whose `eXIf` chunk is not among those read so far is not decoded to look for one later."""
+    if header_only and image.format == "PNG" and "exif" not in image.info and not _png_has_exif(image.fp):
         return image.height, image.width  # no EXIF at all: Pillow would decode the whole image to learn that
     swap = image.getexif().get(0x0112, 1) in {5, 6, 7, 8}
     return (image.width, image.height) if swap else (image.height, image.width)
 
 
-def _png_exif_after_pixels(file) -> bool:
+def _png_has_exif(file) -> bool:
     """Whether an open PNG holds an `eXIf` chunk (one after the pixel data is not in `image.info` until Pillow
     decodes the whole image). Walks the chunk headers, seeking over their data; the file position is kept."""
     position = file.tell()
@@ -173,9 +173,10 @@ def read_image_size(path: str | Path, box=None, *,
     try:
         with Image.open(path) as image:
             _check_pixels(path, image, max_pixels)
+            size = _oriented_size(image, header_only=True)
             if box is None:
-                return _oriented_size(image)
-            left, top, right, bottom = clip_box(*_oriented_size(image), box)
+                return size
+            left, top, right, bottom = clip_box(*size, box)
             return bottom - top, right - left
     except FileNotFoundError as error:
         raise ImageLoadError(f"{path}: file not found") from error

@@ -119,8 +119,6 @@ class ExtractionEngine(nn.Module):
             raise ConfigError(f"extraction batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ConfigError(f"extraction num_workers must be >= 0, got {num_workers}")
-        if batch_pixels is not None and batch_pixels < 1:
-            raise ConfigError(f"extraction batch_pixels must be >= 1 or None, got {batch_pixels}")
         if streams is not None and streams < 1:
             raise ConfigError(f"extraction streams must be >= 1 or None, got {streams}")
         if str(precision) not in PRECISIONS:
